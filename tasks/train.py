@@ -1,0 +1,433 @@
+"""One training loop for every stage of the recipe: stage-1 pre-training, stage-2 SFT, reranker SFT.
+
+Stages differ by their `TrainConfig` (data, objective, loss switches, steps), never by code.
+
+- data order: a seeded permutation per epoch over all pairs, so batch b is a pure function of
+  (seed, b) and a resumed run sees exactly the batches the uninterrupted run would have;
+- schedule: linear warm-up, then cosine decay to `min_lr_ratio * lr`;
+- checkpoints every `checkpoint_every` steps: model (safetensors, loadable on its own), LoRA
+  adapter if any, optimizer/scheduler/RNG state; written into a temporary folder and renamed, so
+  a crash mid-write leaves the previous checkpoint intact; `train` resumes from the newest one;
+- GradCache (`mini_batch_size`): embeddings are first computed without gradient in chunks, the
+  loss gradient w.r.t. the embeddings is taken on the full batch, then each chunk is re-encoded
+  with gradient and back-propagated with that cached gradient: the in-batch negatives of a large
+  batch at the memory cost of one chunk, with the same loss and gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from tasks.config import ModelConfig, TrainConfig
+from tasks.data import Pair, atomic_write_text, load_sources
+from tasks.losses import mrl_infonce, improved_infonce, reranker_sft_loss
+from tasks.models import Embedder, Reranker, format_query, _model_config
+
+log = logging.getLogger(__name__)
+
+LogFn = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    final: Path                      # the trained model folder (loadable by Embedder/Reranker.load)
+    checkpoints: list[Path]          # model folders of the kept checkpoints, oldest first
+    history: list[dict] = field(default_factory=list)
+    seconds_per_step: float = 0.0
+    peak_memory_mb: float = 0.0
+    resumed_from: int = 0
+    skipped: bool = False            # everything was already there
+
+
+# ----------------------------------------------------------------------------- data order
+
+def batch_indices(n: int, batch: int, size: int, seed: int) -> list[int]:
+    """Indices of batch `batch` (of `size` items) in an endless stream of per-epoch permutations."""
+    out = []
+    for k in range(batch * size, (batch + 1) * size):
+        epoch, pos = divmod(k, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(int(perm[pos]))
+    return out
+
+
+def sample_negatives(pair: Pair, k: int, seed: int, batch: int, slot: int) -> list[str]:
+    if k == 0 or not pair.negatives:
+        return []
+    if len(pair.negatives) <= k:
+        return list(pair.negatives)
+    rng = np.random.default_rng([seed, batch, slot, 7])
+    return [pair.negatives[i] for i in sorted(rng.choice(len(pair.negatives), size=k, replace=False))]
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    warmup = int(round(cfg.warmup_ratio * cfg.steps))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, cfg.steps - warmup)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+# ----------------------------------------------------------------------------- losses on a batch
+
+@dataclass
+class EmbeddingBatch:
+    queries: list[str]
+    positives: list[str]
+    negatives: list[list[str]]
+    same_pos: torch.Tensor  # [N, N] bool
+
+    @property
+    def num_texts(self) -> int:
+        return len(self.queries) + len(self.positives) + sum(len(n) for n in self.negatives)
+
+
+def embedding_batch(pairs: Sequence[Pair], k: int, seed: int, batch: int) -> EmbeddingBatch:
+    queries = [format_query(p.query, p.instruction) for p in pairs]
+    positives = [format_query(p.positive, p.instruction) if p.symmetric else p.positive for p in pairs]
+    negatives = [sample_negatives(p, k, seed, batch, i) for i, p in enumerate(pairs)]
+    ids = {t: i for i, t in enumerate(dict.fromkeys(positives))}
+    pid = torch.tensor([ids[t] for t in positives])
+    return EmbeddingBatch(queries, positives, negatives, pid[:, None] == pid[None, :])
+
+
+def _encode_chunks(model: Embedder, texts: list[str], max_length: int, chunk: int | None) -> torch.Tensor:
+    if not texts:
+        return torch.zeros(0, model.hidden_size, device=model.device)
+    chunk = chunk or len(texts)
+    return torch.cat([model.embed(texts[i: i + chunk], max_length) for i in range(0, len(texts), chunk)])
+
+
+def _assemble_negatives(flat: torch.Tensor, negatives: list[list[str]], k: int):
+    """[sum K_i, D] -> ([N, k, D], [N, k] mask) with zero-filled padding slots."""
+    n = len(negatives)
+    if k == 0 or sum(len(x) for x in negatives) == 0:
+        return None, None
+    out = flat.new_zeros(n, k, flat.shape[-1])
+    mask = torch.zeros(n, k, dtype=torch.bool, device=flat.device)
+    pos = 0
+    for i, negs in enumerate(negatives):
+        m = len(negs)
+        if m:
+            out[i, :m] = flat[pos: pos + m]
+            mask[i, :m] = True
+            pos += m
+    return out, mask
+
+
+def embedding_loss_from_embeddings(q, p, nflat, batch: EmbeddingBatch, cfg: TrainConfig) -> torch.Tensor:
+    neg, neg_mask = _assemble_negatives(nflat, batch.negatives, cfg.hard_negatives)
+    lc = cfg.loss
+    kwargs = dict(temperature=lc.temperature, margin=lc.margin, same_pos=batch.same_pos.to(q.device),
+                  neg_mask=neg_mask, qq=lc.qq, dd=lc.dd, qd=lc.qd, mask_false_negatives=lc.mask_false_negatives)
+    if lc.mrl_dims:
+        return mrl_infonce(q, p, neg, dims=lc.mrl_dims, **kwargs)
+    return improved_infonce(q, p, neg, **kwargs)
+
+
+def embedding_step(model: Embedder, batch: EmbeddingBatch, cfg: TrainConfig, scale: float) -> float:
+    """Forward + backward of one (micro-)batch; returns the loss value. GradCache when
+    `cfg.mini_batch_size` is set, plain end-to-end backprop otherwise."""
+    mc = model.cfg
+    flat_negs = [t for negs in batch.negatives for t in negs]
+    chunk = cfg.mini_batch_size
+    if chunk is None:
+        q = model.embed(batch.queries, mc.max_query_length)
+        p = model.embed(batch.positives, mc.max_doc_length)
+        n = _encode_chunks(model, flat_negs, mc.max_doc_length, None)
+        loss = embedding_loss_from_embeddings(q, p, n, batch, cfg)
+        (loss * scale).backward()
+        return float(loss.detach())
+    # GradCache: 1) embeddings without graph, 2) loss + grads w.r.t. embeddings, 3) re-encode with graph.
+    groups = [(batch.queries, mc.max_query_length), (batch.positives, mc.max_doc_length), (flat_negs, mc.max_doc_length)]
+    with torch.no_grad():
+        cached = [_encode_chunks(model, texts, ml, chunk) for texts, ml in groups]
+    leaves = [c.detach().requires_grad_(True) for c in cached]
+    loss = embedding_loss_from_embeddings(*leaves, batch, cfg)
+    grads = torch.autograd.grad(loss * scale, leaves, allow_unused=True)
+    for (texts, ml), g in zip(groups, grads):
+        if g is None or not texts:
+            continue
+        for i in range(0, len(texts), chunk):
+            emb = model.embed(texts[i: i + chunk], ml)
+            emb.backward(g[i: i + chunk])
+    return float(loss.detach())
+
+
+def reranker_examples(pairs: Sequence[Pair], k: int, seed: int, batch: int) -> tuple[list[tuple[str, str, str | None]], list[int]]:
+    """Each query gives its positive ("yes") and up to k negatives ("no"): its own hard negatives,
+    topped up with other queries' positives from the batch when it has too few."""
+    examples, labels = [], []
+    others = [p.positive for p in pairs]
+    for i, p in enumerate(pairs):
+        examples.append((p.query, p.positive, p.instruction))
+        labels.append(1)
+        negs = sample_negatives(p, k, seed, batch, i)
+        j = 1
+        while len(negs) < k and j < len(pairs):
+            cand = others[(i + j) % len(pairs)]
+            if cand != p.positive and cand not in negs:
+                negs.append(cand)
+            j += 1
+        for n in negs:
+            examples.append((p.query, n, p.instruction))
+            labels.append(0)
+    return examples, labels
+
+
+def reranker_step(model: Reranker, pairs: Sequence[Pair], cfg: TrainConfig, seed: int, batch: int,
+                  scale: float) -> tuple[float, int]:
+    from tasks.models import _pad_left
+
+    examples, labels = reranker_examples(pairs, cfg.hard_negatives, seed, batch)
+    chunk = cfg.mini_batch_size or len(examples)
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), chunk):
+        part = examples[i: i + chunk]
+        ids = []
+        for q, d, instr in part:
+            ids.extend(model.token_ids([q], [d], instr))
+        input_ids, mask = _pad_left(ids, model.pad_id, model.device)
+        tokens += int(mask.sum())
+        logits = model(input_ids, mask)
+        y = torch.tensor(labels[i: i + chunk], device=logits.device)
+        loss = reranker_sft_loss(logits, y, model.yes_id, model.no_id, two_token=cfg.two_token)
+        (loss * scale * len(part) / len(examples)).backward()
+        total += float(loss.detach()) * len(part) / len(examples)
+    return total, tokens
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _ckpt_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints (state.json present), oldest first; half-written ones are ignored."""
+    ckpts = [p for p in (out_dir / "checkpoints").glob("step-*") if (p / "state.json").is_file()
+             and not p.name.endswith(".tmp")]
+    return sorted(ckpts, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(model, optimizer, scheduler, out_dir: Path, step: int, cfg: TrainConfig,
+                    history: list[dict]) -> Path:
+    final = out_dir / "checkpoints" / _ckpt_name(step)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save(tmp / "model", extra={"step": step})
+    if cfg.lora.enabled:
+        model.backbone.save_pretrained(tmp / "adapter", safe_serialization=True)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+    atomic_write_text(tmp / "state.json", json.dumps({"step": step, "history_len": len(history)}))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(out_dir)[: -cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_checkpoint_weights(model, ckpt: Path, cfg: TrainConfig) -> None:
+    from safetensors.torch import load_file
+
+    if cfg.lora.enabled:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model.backbone, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
+        return
+    state = {}
+    for f in sorted((ckpt / "model").glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    target = model.backbone
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(target.config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"{ckpt}: checkpoint does not match the model (missing {sorted(set(missing) - tied)[:5]}, "
+                           f"unexpected {unexpected[:5]})")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def train(cfg: TrainConfig, model_cfg: ModelConfig | str, out_dir: str | Path, *,
+          init: str | Path | None = None, pairs: list[Pair] | None = None, data_root: str | Path | None = None,
+          on_log: LogFn | None = None, progress: bool = True, device=None,
+          stop_after: int | None = None) -> TrainResult:
+    """Train one stage. `init` = a saved model folder to start from (e.g. the stage-1 model);
+    otherwise `model_cfg`'s backbone. `pairs` overrides `cfg.data`. Resumes from the newest
+    checkpoint in `out_dir`; returns at once if `out_dir/final` is complete. `stop_after`
+    stops (as if interrupted) after that many steps: for tests of resumption."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    final = out_dir / "final"
+    if (final / "train_summary.json").is_file():
+        summary = json.loads((final / "train_summary.json").read_text())
+        log.info("%s: already trained (%d steps), nothing to do", out_dir, summary["steps"])
+        return TrainResult(out_dir, final, [Path(p) for p in summary["checkpoints"]],
+                           _read_history(out_dir), summary["seconds_per_step"], summary["peak_memory_mb"],
+                           skipped=True)
+    if pairs is None:
+        pairs = load_sources(cfg.data, data_root)
+    if not pairs:
+        raise ValueError(f"{out_dir}: no training pairs (data: {[d.path for d in cfg.data]})")
+
+    torch.manual_seed(cfg.seed)
+    mcfg = _model_config(init) if init is not None else _model_config(model_cfg)
+    cls = Embedder if cfg.objective == "embedding" else Reranker
+    model = cls.load(mcfg, device=device, lora=cfg.lora)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+    start = 0
+    history: list[dict] = []
+    existing = list_checkpoints(out_dir)
+    if existing:
+        ckpt = existing[-1]
+        _load_checkpoint_weights(model, ckpt, cfg)
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location=model.device)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        start = json.loads((ckpt / "state.json").read_text())["step"]
+        history = _read_history(out_dir)[: json.loads((ckpt / "state.json").read_text())["history_len"]]
+        log.info("%s: resuming from %s (step %d of %d)", out_dir, ckpt.name, start, cfg.steps)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    n = len(pairs)
+    step_times: list[float] = []
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"train {out_dir.name}", unit="step")
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, tokens, n_pairs = 0.0, 0, 0
+        for micro in range(cfg.grad_accum):
+            b = step * cfg.grad_accum + micro
+            chunk = [pairs[i] for i in batch_indices(n, b, cfg.batch_size, cfg.seed)]
+            n_pairs += len(chunk)
+            if cfg.objective == "embedding":
+                eb = embedding_batch(chunk, cfg.hard_negatives, cfg.seed, b)
+                loss_sum += embedding_step(model, eb, cfg, 1.0 / cfg.grad_accum) / cfg.grad_accum
+                tokens += eb.num_texts
+            else:
+                loss, tok = reranker_step(model, chunk, cfg, cfg.seed, b, 1.0 / cfg.grad_accum)
+                loss_sum += loss / cfg.grad_accum
+                tokens += tok
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm \
+            else float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        dt = time.perf_counter() - t0
+        step_times.append(dt)
+        rec = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt,
+               "pairs_per_s": n_pairs / dt}
+        if cfg.objective == "embedding":
+            rec["texts_per_s"] = tokens / dt
+        else:
+            rec["tokens_per_s"] = tokens / dt
+        history.append(rec)
+        _append_history(out_dir, rec)
+        if on_log and (step + 1) % cfg.log_every == 0:
+            on_log(step + 1, {k: v for k, v in rec.items() if k != "step"})
+        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", pairs_s=f"{n_pairs / dt:.1f}")
+        bar.update(1)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(model, optimizer, scheduler, out_dir, step + 1, cfg, history)
+        if stop_after is not None and step + 1 - start >= stop_after and step + 1 < cfg.steps:
+            bar.close()
+            raise TrainingInterrupted(step + 1)
+    bar.close()
+
+    # rewrite history to exactly what this (possibly resumed) run contains
+    atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    checkpoints = [c / "model" for c in list_checkpoints(out_dir)]
+    sps = float(np.median(step_times)) if step_times else 0.0
+    peak = _peak_memory_mb(model.device)
+    tmp = final.with_name("final.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp)
+    plot_history(history, tmp / "loss.png", title=out_dir.name)
+    atomic_write_text(tmp / "train_summary.json", json.dumps({
+        "steps": cfg.steps, "pairs": n, "seconds_per_step": sps, "peak_memory_mb": peak,
+        "checkpoints": [str(c) for c in checkpoints], "resumed_from": start,
+        "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
+    }, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return TrainResult(out_dir, final, checkpoints, history, sps, peak, resumed_from=start)
+
+
+class TrainingInterrupted(RuntimeError):
+    def __init__(self, step: int):
+        super().__init__(f"training stopped after step {step} (stop_after)")
+        self.step = step
+
+
+def _append_history(out_dir: Path, rec: dict) -> None:
+    with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _read_history(out_dir: Path) -> list[dict]:
+    path = out_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a crash: the checkpoint's history_len drops it
+            break
+    return out
+
+
+def plot_history(history: list[dict], path: Path, title: str = "") -> Path | None:
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot(steps, [r["loss"] for r in history], marker=".")
+    ax[0].set_xlabel("step"), ax[0].set_ylabel("loss"), ax[0].set_title(f"{title} loss")
+    ax[1].plot(steps, [r["lr"] for r in history], color="tab:orange")
+    ax[1].set_xlabel("step"), ax[1].set_ylabel("learning rate"), ax[1].set_title("schedule")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
