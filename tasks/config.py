@@ -163,6 +163,9 @@ class GeneratorConfig(Strict):
     max_retries: int = Field(2, ge=0)
     concurrency: int = Field(4, gt=0)
     timeout_s: float = Field(60.0, gt=0)
+    http_retries: int = Field(5, ge=0, description="openai backend: retries of a request on connection errors, 429, 5xx")
+    backoff_s: float = Field(1.0, ge=0, description="openai backend: first retry delay, doubled each retry")
+    max_backoff_s: float = Field(30.0, ge=0)
 
 
 class SynthConfig(Strict):

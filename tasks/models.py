@@ -538,7 +538,10 @@ def export_cross_encoder(causal_lm: nn.Module, tokenizer, path: Path, yes_id: in
     tok = AutoTokenizer.from_pretrained(path)
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
     tok.padding_side = "left"
+    # Without this, sentence-transformers >= 6 wraps the pair in the chat template a second time.
+    tok.chat_template = None
     tok.save_pretrained(path)
+    (path / "chat_template.jinja").unlink(missing_ok=True)
     (path / MODEL_CARD).write_text(json.dumps({
         "kind": "cross-encoder", "prefix": RERANK_PREFIX, "suffix": RERANK_SUFFIX,
         "max_length": cfg.max_rerank_length,

@@ -1,0 +1,257 @@
+"""LLM backends for data synthesis, behind one small protocol:
+
+    generate(prompts: list[list[dict]], *, seed, temperature, max_new_tokens) -> list[str]
+
+`prompts` are chat conversations (`[{"role": "system"|"user"|"assistant", "content": ...}, ...]`);
+the result has one completion per conversation, in order. Two backends:
+
+- `TransformersGenerator`: a local causal LM (default: the bundled SmolLM2-135M-Instruct), chat
+  template, batched left-padded sampling; the seed makes a call reproducible.
+- `OpenAIGenerator`: any OpenAI-compatible server (`POST {base_url}/chat/completions`: vLLM, SGLang,
+  llama.cpp server, OpenAI, ...) with bounded concurrency and retries.
+
+Both are built once per Ray worker by `build_generator`; they hold no orchestration.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, runtime_checkable
+
+from tasks.config import GeneratorConfig
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+
+
+class GeneratorError(RuntimeError):
+    """The LLM backend failed (not a bad completion: those are rejected samples, not errors)."""
+
+
+@runtime_checkable
+class Generator(Protocol):
+    name: str  # recorded in every synthetic pair's provenance
+
+    def generate(self, prompts: list[Messages], *, seed: int, temperature: float,
+                 max_new_tokens: int) -> list[str]: ...
+
+
+class Secret:
+    """A credential that never shows in reprs, logs or exception messages."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str | None):
+        self._value = value or None
+
+    def get(self) -> str | None:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return self._value is not None
+
+    def __repr__(self) -> str:
+        return "Secret(***)" if self._value else "Secret(None)"
+
+    __str__ = __repr__
+
+    def redact(self, text: str) -> str:
+        return text.replace(self._value, "***") if self._value else text
+
+    @classmethod
+    def from_env(cls, name: str) -> "Secret":
+        return cls(os.environ.get(name))
+
+
+# ----------------------------------------------------------------------------- local model
+
+class TransformersGenerator:
+    """A local causal LM through transformers. Prompts are rendered with the tokenizer's chat
+    template and generated in length-sorted batches with left padding. The seed is set once per
+    call, so the same prompts + seed + batch size give the same completions on the same machine."""
+
+    def __init__(self, model: str = "bundled:smollm2", *, batch_size: int = 8, top_p: float = 0.95,
+                 dtype: str = "auto", device: str | None = None, max_input_tokens: int = 4096):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from tasks.config import ModelConfig
+        from tasks.models import ModelLoadError, default_device, resolve_backbone, torch_dtype
+
+        self.name = model
+        self.batch_size = batch_size
+        self.top_p = top_p
+        self.max_input_tokens = max_input_tokens
+        self.device = torch.device(device) if device else default_device()
+        path = resolve_backbone(ModelConfig(backbone=model))
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype(dtype, self.device), use_safetensors=True).to(self.device).eval()
+        except OSError as e:
+            raise ModelLoadError(f"{path}: cannot load generator model: {e}") from e
+        if self.tokenizer.chat_template is None:
+            raise ModelLoadError(f"{path}: tokenizer has no chat template; the generator needs an instruct model")
+        self.tokenizer.padding_side = "left"
+        # Keep the end of a too-long prompt: it holds the passage's tail and the assistant turn marker.
+        self.tokenizer.truncation_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        stops = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        self.stop_ids = sorted(i for i in stops if isinstance(i, int) and i >= 0 and i != self.tokenizer.unk_token_id)
+
+    def __repr__(self) -> str:
+        return f"TransformersGenerator({self.name!r}, device={self.device})"
+
+    def generate(self, prompts: list[Messages], *, seed: int, temperature: float,
+                 max_new_tokens: int) -> list[str]:
+        import torch
+        from transformers import GenerationConfig
+
+        from tasks.models import batch_by_length
+
+        texts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_input_tokens,
+                             return_attention_mask=False)["input_ids"]
+        sample = temperature > 0
+        gen_cfg = GenerationConfig(
+            do_sample=sample, temperature=temperature if sample else None, top_p=self.top_p if sample else None,
+            max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids)
+        out: list[str] = [""] * len(prompts)
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            for batch in batch_by_length([len(x) for x in ids], self.batch_size):
+                enc = self.tokenizer.pad({"input_ids": [ids[i] for i in batch]}, padding=True, return_tensors="pt")
+                enc = {k: v.to(self.device) for k, v in enc.items()}
+                gen = self.model.generate(**enc, generation_config=gen_cfg)
+                new = gen[:, enc["input_ids"].shape[1]:]
+                for i, row in zip(batch, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
+                    out[i] = row.strip()
+        return out
+
+
+# ----------------------------------------------------------------------------- OpenAI-compatible server
+
+class OpenAIGenerator:
+    """Chat completions from an OpenAI-compatible endpoint.
+
+    One request per conversation, `concurrency` in flight. Connection errors, timeouts, 429 (after
+    its Retry-After) and 5xx are retried up to `http_retries` times with exponential backoff; other
+    4xx fail at once. A transient failure is never turned into a rejected sample: that would make
+    the synthetic data depend on the network, and a rerun resumes from the finished shards anyway.
+    The API key is read from the environment variable named by `api_key_env` (or given as a
+    `Secret`) and never appears in reprs, logs or error messages.
+    """
+
+    def __init__(self, base_url: str, model: str, *, api_key: Secret | None = None,
+                 api_key_env: str = "OPENAI_API_KEY", top_p: float = 0.95, concurrency: int = 4,
+                 http_retries: int = 5, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
+                 timeout_s: float = 60.0, transport=None):
+        import httpx
+
+        if not base_url:
+            raise ValueError("the openai generator backend needs synth.generator.base_url "
+                             "(e.g. http://localhost:8000/v1)")
+        self.name = model
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.top_p = top_p
+        self.concurrency = concurrency
+        self.http_retries = http_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._key = api_key if api_key is not None else Secret.from_env(api_key_env)
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key.get()}"
+        self._client = httpx.Client(headers=headers, timeout=timeout_s, transport=transport)
+        self._lock = threading.Lock()
+        self.requests = 0  # HTTP requests sent, retries included
+
+    def __repr__(self) -> str:
+        return f"OpenAIGenerator({self.url!r}, model={self.name!r}, api_key={self._key!r})"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def generate(self, prompts: list[Messages], *, seed: int, temperature: float,
+                 max_new_tokens: int) -> list[str]:
+        bodies = [{"model": self.name, "messages": m, "temperature": temperature, "top_p": self.top_p,
+                   "max_tokens": max_new_tokens, "seed": seed} for m in prompts]
+        if len(bodies) <= 1 or self.concurrency == 1:
+            return [self._complete(b) for b in bodies]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(bodies))) as pool:
+            return list(pool.map(self._complete, bodies))
+
+    def _complete(self, body: dict) -> str:
+        import httpx
+
+        last = ""
+        for attempt in range(self.http_retries + 1):
+            wait = min(self.backoff_s * 2 ** attempt, self.max_backoff_s) * (1 + 0.1 * random.random())
+            with self._lock:
+                self.requests += 1
+            try:
+                r = self._client.post(self.url, json=body)
+            except httpx.TransportError as e:  # connection refused/reset, timeouts
+                last = f"connection error ({type(e).__name__})"
+            else:
+                if r.status_code == 429:
+                    last = "HTTP 429 (rate limited)"
+                    after = retry_after_seconds(r.headers.get("Retry-After"))
+                    if after is not None:
+                        wait = after  # the server knows when it will take us back
+                elif r.status_code >= 500:
+                    last = f"HTTP {r.status_code}"
+                elif r.status_code >= 400:
+                    raise GeneratorError(self._redact(
+                        f"{self.url}: HTTP {r.status_code} (not retried): {r.text[:300]}"))
+                else:
+                    try:
+                        content = r.json()["choices"][0]["message"]["content"]
+                    except (ValueError, KeyError, IndexError, TypeError):
+                        last = f"invalid response body: {r.text[:120]!r}"
+                    else:
+                        return (content or "").strip()
+            if attempt < self.http_retries:
+                log.warning("%s: %s; retry %d/%d in %.2f s", self.url, self._redact(last), attempt + 1,
+                            self.http_retries, wait)
+                time.sleep(wait)
+        raise GeneratorError(self._redact(
+            f"{self.url}: giving up after {self.http_retries + 1} attempts; last error: {last}"))
+
+    def _redact(self, text: str) -> str:
+        return self._key.redact(text)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """`Retry-After` is either seconds or an HTTP date (RFC 9110 §10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+# ----------------------------------------------------------------------------- factory
+
+def build_generator(cfg: GeneratorConfig, *, api_key: Secret | None = None) -> Generator:
+    """The backend `cfg` names. Called once per Ray worker."""
+    if cfg.backend == "transformers":
+        return TransformersGenerator(cfg.model, batch_size=cfg.batch_size, top_p=cfg.top_p)
+    return OpenAIGenerator(cfg.base_url or "", cfg.model, api_key=api_key, api_key_env=cfg.api_key_env,
+                           top_p=cfg.top_p, concurrency=cfg.concurrency, http_retries=cfg.http_retries,
+                           backoff_s=cfg.backoff_s, max_backoff_s=cfg.max_backoff_s, timeout_s=cfg.timeout_s)

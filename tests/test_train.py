@@ -1,0 +1,151 @@
+"""The trainer: a micro model that really learns, exact resumption, GradCache equivalence, LoRA,
+the reranker objective, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tasks.config import DataSource, LoraConfig
+from tasks.data import load_sources
+from tasks.models import Embedder, Reranker
+from tasks.train import (
+    TrainingInterrupted, batch_indices, embedding_batch, embedding_step, list_checkpoints, lr_lambda, train,
+)
+
+
+@pytest.fixture(scope="module")
+def snli_pairs(shared_data):
+    return load_sources([DataSource(path=str(shared_data / "triplets-en" / "snli_dev_triplets.jsonl"), limit=64)])
+
+
+def _mrr(model: Embedder, pairs) -> float:
+    q = model.encode([p.query for p in pairs], is_query=True)
+    d = model.encode([p.positive for p in pairs])
+    ranks = (-(q @ d.T)).argsort(1)
+    return float(np.mean([1 / (1 + int(np.where(ranks[i] == i)[0][0])) for i in range(len(pairs))]))
+
+
+def test_micro_model_learns_to_retrieve_its_training_positives(micro_cfg, snli_pairs, tmp_path):
+    before = _mrr(Embedder.load(micro_cfg.model, device="cpu"), snli_pairs)
+    cfg = micro_cfg.stage2.model_copy(update={"steps": 40, "batch_size": 16, "hard_negatives": 1,
+                                              "checkpoint_every": 20, "lr": 2e-3, "warmup_ratio": 0.05})
+    res = train(cfg, micro_cfg.model, tmp_path / "run", pairs=snli_pairs, progress=False)
+    after = _mrr(Embedder.load(str(res.final), device="cpu"), snli_pairs)
+    first = np.mean([h["loss"] for h in res.history[:5]])
+    last = np.mean([h["loss"] for h in res.history[-5:]])
+    assert last < 0.7 * first
+    assert after > before + 0.25 and after > 0.4, (before, after)
+    assert (res.final / "loss.png").is_file()
+    summary = json.loads((res.final / "train_summary.json").read_text())
+    assert summary["steps"] == 40 and summary["seconds_per_step"] > 0
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_resume_gives_bit_identical_weights(micro_cfg, snli_pairs, tmp_path):
+    cfg = micro_cfg.stage2.model_copy(update={"steps": 6, "batch_size": 8, "checkpoint_every": 2,
+                                              "hard_negatives": 1})
+    full = train(cfg, micro_cfg.model, tmp_path / "full", pairs=snli_pairs, progress=False)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, micro_cfg.model, tmp_path / "cut", pairs=snli_pairs, progress=False, stop_after=3)
+    assert [c.name for c in list_checkpoints(tmp_path / "cut")] == ["step-000002"]
+    # a crash while writing the next checkpoint leaves a .tmp folder: it must be ignored
+    (tmp_path / "cut" / "checkpoints" / "step-000004.tmp").mkdir()
+    resumed = train(cfg, micro_cfg.model, tmp_path / "cut", pairs=snli_pairs, progress=False)
+    assert resumed.resumed_from == 2
+    a, b = _weights(full.final), _weights(resumed.final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    again = train(cfg, micro_cfg.model, tmp_path / "cut", pairs=snli_pairs, progress=False)
+    assert again.skipped
+
+
+def test_keeps_only_the_last_checkpoints(micro_cfg, snli_pairs, tmp_path):
+    cfg = micro_cfg.stage2.model_copy(update={"steps": 8, "batch_size": 4, "checkpoint_every": 2,
+                                              "keep_checkpoints": 3})
+    res = train(cfg, micro_cfg.model, tmp_path / "r", pairs=snli_pairs, progress=False)
+    assert [c.parent.name for c in res.checkpoints] == ["step-000004", "step-000006", "step-000008"]
+    assert all((c / "model.safetensors").is_file() for c in res.checkpoints)
+
+
+def _grads_after_one_step(model, batch, cfg):
+    model.zero_grad(set_to_none=True)
+    loss = embedding_step(model, batch, cfg, 1.0)
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradcache_matches_plain_backprop(micro_cfg, snli_pairs):
+    model = Embedder.load(micro_cfg.model, device="cpu")
+    model.train()
+    cfg = micro_cfg.stage2.model_copy(update={"hard_negatives": 1, "batch_size": 12})
+    batch = embedding_batch(snli_pairs[:12], 1, 0, 0)
+    loss_a, grads_a = _grads_after_one_step(model, batch, cfg)
+    loss_b, grads_b = _grads_after_one_step(model, batch, cfg.model_copy(update={"mini_batch_size": 5}))
+    assert abs(loss_a - loss_b) < 1e-5
+    assert grads_a.keys() == grads_b.keys()
+    for n in grads_a:
+        assert torch.allclose(grads_a[n], grads_b[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_lora_stage_trains_adapters_and_exports_a_merged_model(micro_cfg, snli_pairs, tmp_path):
+    cfg = micro_cfg.stage2.model_copy(update={"steps": 4, "batch_size": 8, "checkpoint_every": 2,
+                                              "lora": LoraConfig(enabled=True, r=4, alpha=8), "lr": 1e-2})
+    res = train(cfg, micro_cfg.model, tmp_path / "lora", pairs=snli_pairs, progress=False)
+    assert (res.checkpoints[-1].parent / "adapter" / "adapter_model.safetensors").is_file()
+    merged = Embedder.load(str(res.final), device="cpu")
+    base = Embedder.load(micro_cfg.model, device="cpu")
+    assert not np.allclose(merged.encode(["a dog runs"]), base.encode(["a dog runs"]), atol=1e-4)
+    # resume of a LoRA run: interrupted + resumed equals uninterrupted
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, micro_cfg.model, tmp_path / "lora2", pairs=snli_pairs, progress=False, stop_after=2)
+    res2 = train(cfg, micro_cfg.model, tmp_path / "lora2", pairs=snli_pairs, progress=False)
+    a, b = _weights(res.final), _weights(res2.final)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reranker_learns_yes_for_positives(micro_cfg, snli_pairs, tmp_path):
+    pairs = snli_pairs[:16]
+    cfg = micro_cfg.reranker.model_copy(update={"steps": 30, "batch_size": 8, "hard_negatives": 1,
+                                                "lr": 2e-3, "checkpoint_every": 15})
+    res = train(cfg, micro_cfg.model, tmp_path / "rr", pairs=pairs, progress=False)
+    model = Reranker.load(str(res.final), device="cpu")
+    pos = model.score([p.query for p in pairs], [p.positive for p in pairs])
+    neg = model.score([p.query for p in pairs], [p.negatives[0] for p in pairs])
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    assert (pos > neg).mean() >= 0.75, (pos, neg)
+    assert (res.final / "cross-encoder" / "model.safetensors").is_file()
+
+
+def test_two_token_reranker_loss_option(micro_cfg, snli_pairs, tmp_path):
+    cfg = micro_cfg.reranker.model_copy(update={"steps": 2, "batch_size": 4, "two_token": True})
+    res = train(cfg, micro_cfg.model, tmp_path / "rr2", pairs=snli_pairs[:8], progress=False)
+    assert res.history[0]["loss"] < 2.0  # 2-way softmax: about log 2 at the start, not log |V|
+
+
+def test_data_order_is_a_pure_function_of_seed_and_batch():
+    a = [batch_indices(10, b, 4, seed=3) for b in range(5)]
+    assert a == [batch_indices(10, b, 4, seed=3) for b in range(5)]
+    flat = [i for b in a[:5] for i in b]
+    assert sorted(flat[:10]) == list(range(10))  # one epoch visits every item once
+    assert a != [batch_indices(10, b, 4, seed=4) for b in range(5)]
+
+
+def test_warmup_then_cosine(micro_cfg):
+    cfg = micro_cfg.stage2.model_copy(update={"steps": 100, "warmup_ratio": 0.1, "min_lr_ratio": 0.1})
+    f = lr_lambda(cfg)
+    assert f(0) < f(5) < f(9) <= 1.0
+    assert abs(f(10) - 1.0) < 1e-9
+    assert f(50) < f(20) and abs(f(100) - 0.1) < 1e-9
+
+
+def test_no_pairs_is_a_clear_error(micro_cfg, tmp_path):
+    with pytest.raises(ValueError, match="no training pairs"):
+        train(micro_cfg.stage2, micro_cfg.model, tmp_path / "x", pairs=[], progress=False)
