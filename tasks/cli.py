@@ -141,7 +141,178 @@ def export_cmd(
     typer.echo(f"exported {type(m).__name__.lower()} -> {out}")
 
 
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="embedding model: a saved model folder, micro, bundled:smollm2, "
+                                          "bundled:all-minilm-l6-v2, st:<SentenceTransformer path> or a hub name"),
+    benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b",
+                                            help="mteb benchmark, e.g. 'MTEB(eng, v2)', 'MTEB(cmn, v1)', "
+                                                 "'MTEB(Multilingual)', 'MTEB(Code)' (needs the hub for data)"),
+    task: Optional[List[str]] = typer.Option(None, "--task", "-t", help="mteb task name, e.g. NFCorpus (repeatable)"),
+    task_dir: Optional[List[Path]] = typer.Option(None, "--task-dir", help="local BEIR folder: corpus.jsonl, "
+                                                  "queries.jsonl, qrels/test.tsv (repeatable)"),
+    sts: Optional[List[Path]] = typer.Option(None, "--sts", help="STS pairs with gold scores: STS-B TSV, SICK txt, "
+                                             "'s1<TAB>s2<TAB>score' or JSONL {sentence1, sentence2, score}"),
+    pairclf: Optional[List[Path]] = typer.Option(None, "--pairclf", help="labelled pairs 's1<TAB>s2<TAB>0|1' or "
+                                                 "JSONL {sentence1, sentence2, label} (repeatable)"),
+    reranker: Optional[str] = typer.Option(None, "--reranker", help="rerank the embedding model's top-k of every "
+                                           "retrieval task with this reranker (saved folder, micro, ...)"),
+    rerank_top_k: int = typer.Option(100, "--rerank-top-k", help="documents per query given to the reranker"),
+    dim: Optional[int] = typer.Option(None, "--dim", help="MRL dimension: evaluate emb[:, :dim], re-normalised"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="result JSON (default runs/eval/<model>-<rev>.json)"),
+    max_queries: Optional[int] = typer.Option(None, "--max-queries", help="subsample BEIR queries (fixed seed)"),
+    max_corpus: Optional[int] = typer.Option(None, "--max-corpus", help="subsample BEIR documents; documents "
+                                             "judged for the kept queries are always kept"),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="subsample STS / pair-classification pairs"),
+    batch_size: int = typer.Option(32, "--batch-size", help="texts per forward pass"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSON {task name: instruction} overriding "
+                                           "conf/task_prompts.json"),
+    mlflow_run_id: Optional[str] = typer.Option(None, "--mlflow-run-id", help="log eval/<task>/<metric> to this "
+                                                "existing MLflow run"),
+) -> None:
+    """Evaluate an embedding model (and optionally a reranker on its top-k) with mteb; print each task's main score.
+
+    Main scores: nDCG@10 (retrieval), Spearman of cosine (STS), max AP (pair classification).
+    Example: q3e eval micro --task-dir data/beir/nq-msmarco-hardneg --max-queries 5 --max-corpus 50
+    """
+    from tasks.data import DataError
+    from tasks.evaluate import evaluate_model
+    from tasks.models import ModelLoadError
+
+    _setup_logging()
+    logging.getLogger("mteb").setLevel(logging.WARNING)  # one INFO line per phase per task otherwise
+    if not (benchmark or task or task_dir or sts or pairclf):
+        raise _fail(ValueError("nothing to evaluate: give --benchmark, --task, --task-dir, --sts or --pairclf"))
+    try:
+        results = evaluate_model(
+            model, benchmark=benchmark, tasks=task or None, task_dirs=task_dir or None, sts=sts or None,
+            pairclf=pairclf or None, reranker=reranker, rerank_top_k=rerank_top_k, dim=dim, out=out,
+            max_queries=max_queries, max_corpus=max_corpus, max_pairs=max_pairs, batch_size=batch_size,
+            prompts=prompts, mlflow_run_id=mlflow_run_id, show=False)
+    except (DataError, ModelLoadError, ValueError, FileNotFoundError) as e:
+        raise _fail(e) from None
+    width = max(len(name) for name in results)
+    for name, scores in results.items():
+        typer.echo(f"{name:{width}s}  main score {scores['main_score']:.4f}")
+
+
 # --- commands of the other stages are registered below (synth, filter, eval, run, ...) ---
+
+
+# --- the pipeline: run, runs compare, lineage ---
+
+def _print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    scores = summary["scores"]
+    tasks_ = sorted({t for s in scores.values() for t in s})
+    table = Table(title=f"main scores ({summary['preset']}, {summary['ablation']})")
+    table.add_column("model")
+    for t in tasks_:
+        table.add_column(t, justify="right", overflow="fold")
+    for name, s in scores.items():
+        table.add_row(name + (" (final)" if name == summary["final_model"] else ""),
+                      *[f"{s[t]:.4f}" if t in s else "" for t in tasks_])
+    console.print(table)
+    st = Table(title="stages")
+    for col in ("stage", "cached", "wall s", "compute s"):
+        st.add_column(col, justify="right" if col.endswith("s") else "left")
+    for t in summary["stages"]:
+        st.add_row(t["stage"], "yes" if t["cached"] else "", f"{t['wall_s']:.1f}", f"{t['compute_s']:.1f}")
+    console.print(st)
+    console.print(f"total {summary['wall_s']:.0f} s, stage compute {summary['compute_s']:.0f} s, "
+                  f"orchestration overhead {summary['overhead_s']:.0f} s")
+    uri = summary["tracking_uri"]
+    console.print(f"MLflow run [bold]{summary['run_id']}[/bold]; open the results with:\n"
+                  f"  .venv/bin/mlflow ui --backend-store-uri {uri}")
+
+
+@app.command("run")
+def run_cmd(
+    preset: str = PresetOpt, files: Optional[List[Path]] = ConfigOpt,
+    ablation: Optional[str] = typer.Option(None, help="conf/ablations/<name>.yaml overlay (no-synthetic, ...)"),
+    project: Path = typer.Option(Path("."), help="project folder: data/, data.dvc, datasets/, runs/"),
+    overrides: Optional[List[str]] = OverridesArg,
+) -> None:
+    """Run the whole pipeline (the main job): data -> synthesis -> stage 1 -> filtering -> stage 2 ->
+    slerp merge -> reranker -> evaluation, as a Prefect flow with Ray tasks, tracked in MLflow and DVC.
+
+    Stages whose inputs did not change are reused; a failed run resumes at the stage that failed."""
+    _setup_logging()
+    _config(preset, overrides, files, ablation)  # validate before starting any service
+    from flows.pipeline import pipeline
+
+    summary = pipeline(preset=preset, overrides=list(overrides or []), ablation=ablation,
+                       config_files=[str(f) for f in files or []], project_dir=str(project))
+    _print_summary(summary)
+
+
+runs_app = typer.Typer(help="Compare pipeline runs recorded in MLflow.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("compare")
+def runs_compare_cmd(
+    experiment: str = typer.Option("qwen3-embedding", help="MLflow experiment name"),
+    filter_string: str = typer.Option("", "--filter", help="MLflow search filter, e.g. \"tags.preset = 'smol'\""),
+    run_dir: Path = typer.Option(Path("runs"), help="run folder of the embedded MLflow store"),
+    out: Path = typer.Option(Path("runs/compare"), help="writes <out>.csv and <out>.md"),
+    metric_prefix: str = typer.Option("final/", help="which metrics become columns"),
+) -> None:
+    """Print the comparison table of pipeline runs (mlflow.search_runs) and write it as CSV and Markdown."""
+    from tasks import tracking
+
+    tracking.setup(run_dir, experiment)
+    df = tracking.comparison_table(experiment, filter_string, metric_prefix)
+    if df.empty:
+        typer.echo("no runs found")
+        raise typer.Exit(0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out.with_suffix(".csv"), index=False)
+    md = df.to_markdown(index=False, floatfmt=".4f") if _has_tabulate() else df.to_string(index=False)
+    out.with_suffix(".md").write_text(md + "\n")
+    typer.echo(md)
+    typer.echo(f"\nwritten: {out.with_suffix('.csv')}, {out.with_suffix('.md')}")
+
+
+def _has_tabulate() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tabulate") is not None
+
+
+@app.command("lineage")
+def lineage_cmd(
+    run_id: str = typer.Argument(..., help="an MLflow pipeline run id"),
+    run_dir: Path = typer.Option(Path("runs"), help="run folder of the embedded MLflow store"),
+    experiment: str = typer.Option("qwen3-embedding", help="MLflow experiment name"),
+) -> None:
+    """Print where a run's models came from: git commit, config hash, DVC versions of the input data
+    and of the generated data sets, and each stage's artifact folder and content key."""
+    import mlflow
+
+    from tasks import tracking
+
+    tracking.setup(run_dir, experiment)
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except Exception as e:
+        raise _fail(ValueError(f"run {run_id!r} not found in {mlflow.get_tracking_uri()}: {e}")) from None
+    t = run.data.tags
+    typer.echo(f"run {run_id} ({run.info.run_name}), status {run.info.status}")
+    for key in ("preset", "ablation", "git_commit", "config_hash", "dvc_data_md5", "dvc_synthetic_md5",
+                "dvc_filtered_md5", "model_uri.embedding", "model_uri.reranker"):
+        if key in t:
+            typer.echo(f"  {key:20s} {t[key]}")
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'",
+                                  order_by=["attributes.start_time ASC"])
+    for c in children:
+        ct = c.data.tags
+        typer.echo(f"  stage {ct.get('stage', c.info.run_name):16s} key {ct.get('stage_key', '')} "
+                   f"{'(cached) ' if ct.get('cached') == 'true' else ''}{ct.get('artifact_dir', '')}")
 
 
 def main() -> None:  # pragma: no cover - console entry

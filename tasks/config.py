@@ -78,6 +78,13 @@ class ModelConfig(Strict):
 
 # ----------------------------------------------------------------------------- training
 
+class Resources(Strict):
+    """Ray resources of one stage's task; cpus null = every CPU of the (local) cluster."""
+
+    cpus: float | None = Field(None, gt=0)
+    gpus: float = Field(0.0, ge=0)
+
+
 class LossConfig(Strict):
     """Improved InfoNCE (paper eq. 1) switches; see tasks/losses.py."""
 
@@ -132,6 +139,7 @@ class TrainConfig(Strict):
     lora: LoraConfig = LoraConfig()
     loss: LossConfig = LossConfig()
     two_token: bool = Field(False, description="reranker: softmax over yes/no only instead of the vocabulary")
+    resources: Resources = Resources()
 
 
 class MergeConfig(Strict):
@@ -166,6 +174,10 @@ class GeneratorConfig(Strict):
     http_retries: int = Field(5, ge=0, description="openai backend: retries of a request on connection errors, 429, 5xx")
     backoff_s: float = Field(1.0, ge=0, description="openai backend: first retry delay, doubled each retry")
     max_backoff_s: float = Field(30.0, ge=0)
+    json_prefill: bool | None = Field(
+        None, description="start each answer with the JSON's first key (helps small models keep the format); "
+                          "null = on for transformers, off for openai (needs a server that continues a final "
+                          "assistant message, e.g. vLLM)")
 
 
 class SynthConfig(Strict):
@@ -178,6 +190,14 @@ class SynthConfig(Strict):
     kinds: dict[str, float] = {"retrieval": 1.0}
     languages: list[str] = ["English"]
     query_lengths: list[int] = [5, 10, 20]
+    bitext_languages: list[str] = Field(["Chinese", "French", "German", "Spanish"],
+                                        description="bitext: target languages of the translations")
+    sts_similarity: list[float] = Field([4.0, 5.0], description="STS: target similarities (0-5) to ask for")
+    labels: list[str] = Field(
+        ["arts and entertainment", "business and economy", "education", "health and medicine", "history",
+         "law and crime", "politics and government", "science and technology", "sports", "travel and geography"],
+        description="classification: the label set")
+    max_passage_words: int = Field(256, gt=0, description="passages are cut to this many words in prompts")
     shard_size: int = Field(16, gt=0)
     workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -192,17 +212,34 @@ class FilterConfig(Strict):
     embedder: str | None = Field(None, description="model used to score pairs; null = the stage-1 model")
     batch_size: int = Field(32, gt=0)
     workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
 
 
 class EvalConfig(Strict):
+    """What to evaluate on: mteb task names / a benchmark (need the hub) and local sets (offline)."""
+
     tasks: list[str] = []
     task_dirs: list[str] = ["data/beir/nq-msmarco-hardneg"]
+    sts: list[str] = []
+    pairclf: list[str] = []
+    max_pairs: int | None = Field(None, gt=0)
     benchmark: str | None = None
     batch_size: int = Field(32, gt=0)
     rerank_top_k: int = Field(100, gt=0)
     dims: list[int] = []
     max_queries: int | None = Field(None, gt=0)
     max_corpus: int | None = Field(None, gt=0)
+    resources: Resources = Resources()
+
+
+class DataConfig(Strict):
+    """The versioned inputs: `dir` is tracked by `<dir>.dvc`; a fresh clone restores it with
+    `dvc pull`, or copies `include` from the bundled `source` when no remote has it."""
+
+    dir: str = "data"
+    source: str | None = "../shared/data"
+    include: list[str] = []
 
 
 class InfraConfig(Strict):
@@ -221,7 +258,7 @@ class PipelineConfig(Strict):
     ablation: str = "full"
     seed: int = 0
     run_dir: str = "runs"
-    data_dir: str = "data"
+    data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     reranker_model: ModelConfig | None = Field(None, description="backbone of the reranker; null = same as model")
     synth: SynthConfig = SynthConfig()

@@ -3,7 +3,10 @@
     generate(prompts: list[list[dict]], *, seed, temperature, max_new_tokens) -> list[str]
 
 `prompts` are chat conversations (`[{"role": "system"|"user"|"assistant", "content": ...}, ...]`);
-the result has one completion per conversation, in order. Two backends:
+the result has one completion per conversation, in order. A conversation that ends with an
+assistant message is a *prefill*: the model continues that message and the completion returned
+includes it (`{"Query": "` + what the model wrote). A prefill that opens a JSON object also stops
+generation once the object is closed. Two backends:
 
 - `TransformersGenerator`: a local causal LM (default: the bundled SmolLM2-135M-Instruct), chat
   template, batched left-padded sampling; the seed makes a call reproducible.
@@ -117,7 +120,12 @@ class TransformersGenerator:
 
         from tasks.models import batch_by_length
 
-        texts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+        from transformers import StoppingCriteriaList
+
+        prefills = [prefill_of(m) for m in prompts]
+        texts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=not p,
+                                                    continue_final_message=bool(p))
+                 for m, p in zip(prompts, prefills)]
         ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_input_tokens,
                              return_attention_mask=False)["input_ids"]
         sample = temperature > 0
@@ -130,11 +138,48 @@ class TransformersGenerator:
             for batch in batch_by_length([len(x) for x in ids], self.batch_size):
                 enc = self.tokenizer.pad({"input_ids": [ids[i] for i in batch]}, padding=True, return_tensors="pt")
                 enc = {k: v.to(self.device) for k, v in enc.items()}
-                gen = self.model.generate(**enc, generation_config=gen_cfg)
-                new = gen[:, enc["input_ids"].shape[1]:]
-                for i, row in zip(batch, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
-                    out[i] = row.strip()
+                start = enc["input_ids"].shape[1]
+                stop = None
+                if any(prefills[i].lstrip().startswith("{") for i in batch):
+                    stop = StoppingCriteriaList([_json_stop(self.tokenizer, [prefills[i] for i in batch], start)])
+                gen = self.model.generate(**enc, generation_config=gen_cfg, stopping_criteria=stop)
+                for i, row in zip(batch, self.tokenizer.batch_decode(gen[:, start:], skip_special_tokens=True)):
+                    out[i] = (prefills[i] + row).strip()
         return out
+
+
+def prefill_of(messages: Messages) -> str:
+    """The content of a final assistant message (a prefill to continue), else ""."""
+    return messages[-1]["content"] if messages and messages[-1].get("role") == "assistant" else ""
+
+
+def json_object_closed(text: str) -> bool:
+    """True once the first `{` of `text` has its matching `}` (braces counted, strings ignored:
+    small models leave quotes unescaped, and braces inside the values are rare)."""
+    depth = 0
+    for ch in text:
+        if ch == "{":
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                return True
+    return False
+
+
+def _json_stop(tokenizer, prefills: list[str], start: int):
+    """A stopping criterion (built lazily: transformers is imported only by the local backend)
+    that stops each row once its prefill + generated text has closed its JSON object."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class JsonClosed(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+            done = [p.lstrip().startswith("{") and json_object_closed(p + t) for p, t in zip(prefills, texts)]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return JsonClosed()
 
 
 # ----------------------------------------------------------------------------- OpenAI-compatible server
@@ -182,12 +227,20 @@ class OpenAIGenerator:
 
     def generate(self, prompts: list[Messages], *, seed: int, temperature: float,
                  max_new_tokens: int) -> list[str]:
-        bodies = [{"model": self.name, "messages": m, "temperature": temperature, "top_p": self.top_p,
-                   "max_tokens": max_new_tokens, "seed": seed} for m in prompts]
+        bodies = []
+        for m in prompts:
+            body = {"model": self.name, "messages": m, "temperature": temperature, "top_p": self.top_p,
+                    "max_tokens": max_new_tokens, "seed": seed}
+            if prefill_of(m):  # vLLM/SGLang extension: continue the final assistant message
+                body |= {"continue_final_message": True, "add_generation_prompt": False}
+            bodies.append(body)
         if len(bodies) <= 1 or self.concurrency == 1:
-            return [self._complete(b) for b in bodies]
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(bodies))) as pool:
-            return list(pool.map(self._complete, bodies))
+            outs = [self._complete(b) for b in bodies]
+        else:
+            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(bodies))) as pool:
+                outs = list(pool.map(self._complete, bodies))
+        # The server returns only the continuation of a prefill; the protocol returns the whole message.
+        return [(o if o.startswith(prefill_of(m)) else prefill_of(m) + o).strip() for m, o in zip(prompts, outs)]
 
     def _complete(self, body: dict) -> str:
         import httpx
@@ -218,7 +271,7 @@ class OpenAIGenerator:
                     except (ValueError, KeyError, IndexError, TypeError):
                         last = f"invalid response body: {r.text[:120]!r}"
                     else:
-                        return (content or "").strip()
+                        return content or ""
             if attempt < self.http_retries:
                 log.warning("%s: %s; retry %d/%d in %.2f s", self.url, self._redact(last), attempt + 1,
                             self.http_retries, wait)

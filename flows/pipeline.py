@@ -1,0 +1,373 @@
+"""The Qwen3-Embedding recipe (paper Fig. 2) as one Prefect flow whose heavy work runs on Ray.
+
+    data (DVC) -> synthesis -> stage 1 (weakly supervised, synthetic pairs) -> filtering (cos > 0.7,
+    scored by the stage-1 model) -> stage 2 (SFT, labelled + filtered synthetic) -> slerp merge
+    -> reranker SFT + merge -> evaluation of backbone, stage 1, stage 2, merged, reranker
+
+Every stage is a Prefect task over a content-addressed folder (tasks/stages.py): unchanged inputs
+are reused, a failed stage resumes from its own checkpoints/shards. Training and evaluation run
+as Ray tasks with the resources of their config; synthesis and filtering use Ray actors. MLflow:
+one parent run per pipeline run, one nested run per stage, all logged from this driver process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import lineage, tracking
+from tasks.config import PipelineConfig, Resources, load_config
+from tasks.distributed import init_ray, run_remote
+from tasks.stages import StageDir, merge_stage, stage_dir, stage_key, timed, train_stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """Plain values every stage task needs (no models, no clients)."""
+
+    cfg: PipelineConfig
+    root: Path
+    artifacts: Path
+    datasets: Path
+    experiment_id: str
+    parent_run_id: str
+    data_md5: str
+    timings: list[dict] = field(default_factory=list)
+
+
+def _logger():
+    try:
+        return get_run_logger()
+    except Exception:  # outside a Prefect run context
+        return log
+
+
+@task(name="stage", cache_policy=NO_CACHE)
+def run_stage(ctx: Context, sd: StageDir, fn: Callable, args: tuple = (), kwargs: dict | None = None, *,
+              resources: Resources | None = None, params: dict | None = None) -> dict:
+    """Reuse `sd` if complete, else run `fn(*args, **kwargs)` (as a Ray task when `resources` is
+    given), record its result, and log the stage as a nested MLflow run."""
+    logger = _logger()
+    t0 = time.perf_counter()
+    result = sd.result()
+    cached = result is not None
+    if cached:
+        logger.info("%s: inputs unchanged (key %s), reusing %s", sd.name, sd.key, sd.path)
+    else:
+        logger.info("%s: running (key %s) -> %s", sd.name, sd.key, sd.path)
+        sd.path.mkdir(parents=True, exist_ok=True)
+        if resources is not None:
+            out, compute = run_remote(fn, *args, num_cpus=resources.cpus, num_gpus=resources.gpus, **(kwargs or {}))
+        else:
+            out, compute = timed(fn, *args, **(kwargs or {}))
+        result = sd.complete({**out, "compute_s": compute, "key": sd.key, "finished": time.time()})
+    wall = time.perf_counter() - t0
+    ctx.timings.append({"stage": sd.name, "key": sd.key, "cached": cached, "wall_s": wall,
+                        "compute_s": 0.0 if cached else result["compute_s"]})
+    _log_stage(ctx, sd, result, cached, params or {})
+    return result
+
+
+def _log_stage(ctx: Context, sd: StageDir, result: dict, cached: bool, params: dict) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run = client.create_run(ctx.experiment_id, run_name=sd.name, tags={
+        "mlflow.parentRunId": ctx.parent_run_id, "stage": sd.name, "stage_key": sd.key,
+        "cached": str(cached).lower(), "artifact_dir": str(sd.path)})
+    rid = run.info.run_id
+    tracking.log_params(rid, params)
+    history = Path(result["history"]) if result.get("history") else None
+    if history and history.is_file():
+        tracking.log_history(rid, [json.loads(x) for x in history.read_text().splitlines() if x.strip()])
+    tracking.log_metrics(rid, {k: v for k, v in _flat_numbers(result.get("metrics", {})).items()})
+    tracking.log_metrics(rid, {k: result[k] for k in ("seconds_per_step", "peak_memory_mb", "first_loss",
+                                                       "last_loss", "compute_s") if k in result})
+    for key in ("loss_plot", "stats", "report", "histogram", "results_json", "table"):
+        p = result.get(key)
+        if p and Path(p).is_file():
+            client.log_artifact(rid, p)
+    for key, value in result.items():
+        if key.startswith("dvc_"):
+            client.set_tag(rid, key, value)
+            client.set_tag(ctx.parent_run_id, key, value)
+    client.set_terminated(rid)
+
+
+def _flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+# ----------------------------------------------------------------------------- the stages
+
+def synthesis(ctx: Context) -> dict | None:
+    cfg = ctx.cfg
+    if not cfg.synth.enabled:
+        return None
+    from tasks.stages import synth_stage
+
+    key = stage_key("synthesis", synth=cfg.synth, data=ctx.data_md5)
+    sd = stage_dir(ctx.datasets, "synthetic", key)
+    return run_stage.with_options(name="synthesis")(
+        ctx, sd, synth_stage, (cfg.synth, str(sd.path)),
+        {"data_root": str(ctx.root), "ray_address": cfg.infra.ray_address, "project_root": str(ctx.root),
+         "dvc_remote": cfg.infra.dvc_remote},
+        params=_section(cfg, "synth"))
+
+
+def stage1(ctx: Context, synth: dict | None) -> dict | None:
+    cfg = ctx.cfg
+    if not cfg.stage1.enabled or synth is None:
+        return None
+    key = stage_key("stage1", train=cfg.stage1, model=cfg.model, synth=synth["key"], data=ctx.data_md5)
+    sd = stage_dir(ctx.artifacts, "stage1", key)
+    return run_stage.with_options(name="stage1-pretrain")(
+        ctx, sd, train_stage, (cfg.stage1, cfg.model, str(sd.path)),
+        {"extra_data": [synth["shards_dir"]], "data_root": str(ctx.root)},
+        resources=cfg.stage1.resources, params=_section(cfg, "stage1"))
+
+
+def filtering(ctx: Context, synth: dict | None, s1: dict | None) -> dict | None:
+    cfg = ctx.cfg
+    if not cfg.filter.enabled or synth is None:
+        return None
+    from tasks.stages import filter_stage
+
+    embedder = cfg.filter.embedder or (s1["final"] if s1 else None)
+    if embedder is None:  # no stage-1 model (e.g. stage 1 switched off): score with the backbone
+        embedder = cfg.model.backbone
+    key = stage_key("filter", filter=cfg.filter, synth=synth["key"], embedder=s1["key"] if s1 and not
+                    cfg.filter.embedder else embedder, model=cfg.model)
+    sd = stage_dir(ctx.datasets, "filtered", key)
+    return run_stage.with_options(name="filtering")(
+        ctx, sd, filter_stage, (cfg.filter, synth["shards_dir"], str(sd.path)),
+        {"embedder": embedder, "ray_address": cfg.infra.ray_address, "project_root": str(ctx.root),
+         "dvc_remote": cfg.infra.dvc_remote},
+        params=_section(cfg, "filter"))
+
+
+def stage2(ctx: Context, s1: dict | None, filtered: dict | None) -> dict | None:
+    cfg = ctx.cfg
+    if not cfg.stage2.enabled:
+        return None
+    extra = [filtered["kept_dir"]] if filtered and filtered.get("n_kept", 0) > 0 else []
+    key = stage_key("stage2", train=cfg.stage2, model=cfg.model, init=s1["key"] if s1 else None,
+                    filtered=filtered["key"] if filtered else None, data=ctx.data_md5)
+    sd = stage_dir(ctx.artifacts, "stage2", key)
+    return run_stage.with_options(name="stage2-sft")(
+        ctx, sd, train_stage, (cfg.stage2, cfg.model, str(sd.path)),
+        {"init": s1["final"] if s1 else None, "extra_data": extra, "data_root": str(ctx.root)},
+        resources=cfg.stage2.resources, params=_section(cfg, "stage2"))
+
+
+def merging(ctx: Context, trained: dict | None, merge_cfg, name: str, base: str | None = None) -> dict | None:
+    if trained is None or not merge_cfg.enabled:
+        return None
+    ckpts = trained["checkpoints"][-merge_cfg.num_checkpoints:]
+    if len(ckpts) < 2:
+        _logger().warning("%s: only %d checkpoint(s) kept; nothing to merge", name, len(ckpts))
+        return None
+    key = stage_key(name, merge=merge_cfg, trained=trained["key"], base=base)
+    sd = stage_dir(ctx.artifacts, name, key)
+    return run_stage.with_options(name=name)(
+        ctx, sd, merge_stage, (ckpts, str(sd.path)),
+        {"weights": merge_cfg.weights, "base": base if merge_cfg.method == "task_slerp" else None},
+        params={f"{name}.{k}": v for k, v in merge_cfg.model_dump(mode="json").items()})
+
+
+def reranker(ctx: Context, filtered: dict | None) -> dict | None:
+    cfg = ctx.cfg
+    if not cfg.reranker.enabled:
+        return None
+    extra = [filtered["kept_dir"]] if filtered and filtered.get("n_kept", 0) > 0 else []
+    key = stage_key("reranker", train=cfg.reranker, model=cfg.reranker_backbone,
+                    filtered=filtered["key"] if filtered else None, data=ctx.data_md5)
+    sd = stage_dir(ctx.artifacts, "reranker", key)
+    return run_stage.with_options(name="reranker-sft")(
+        ctx, sd, train_stage, (cfg.reranker, cfg.reranker_backbone, str(sd.path)),
+        {"extra_data": extra, "data_root": str(ctx.root)},
+        resources=cfg.reranker.resources, params=_section(cfg, "reranker"))
+
+
+def evaluation(ctx: Context, name: str, model: str, model_key: str, reranker_model: str | None = None,
+               reranker_key: str | None = None) -> dict:
+    from tasks.stages import eval_stage
+
+    cfg = ctx.cfg
+    key = stage_key("eval", eval=cfg.eval, model=model_key, reranker=reranker_key, data=ctx.data_md5)
+    sd = stage_dir(ctx.artifacts, f"eval-{name}", key)
+    return run_stage.with_options(name=f"eval-{name}")(
+        ctx, sd, eval_stage, (model, cfg.eval, str(sd.path)),
+        {"reranker": reranker_model, "data_root": str(ctx.root), "label": name},
+        resources=cfg.eval.resources, params={"model": model, **_section(cfg, "eval")})
+
+
+def _section(cfg: PipelineConfig, name: str) -> dict:
+    return {k: v for k, v in cfg.flat().items() if k.startswith(name + ".")}
+
+
+# ----------------------------------------------------------------------------- the flow
+
+@flow(name="qwen3-embedding-pipeline", log_prints=True)
+def pipeline(preset: str = "smol", overrides: list[str] | None = None, ablation: str | None = None,
+             config_files: list[str] | None = None, project_dir: str = ".",
+             parent_run_id: str | None = None) -> dict:
+    """Run the whole recipe; returns the run summary (also written to <run_dir>/runs/<run id>.json)."""
+    import mlflow
+
+    t_start = time.perf_counter()
+    cfg = load_config(preset, overrides or [], ablation=ablation, files=config_files or [])
+    root = Path(project_dir).resolve()
+    run_dir = root / cfg.run_dir
+    logger = _logger()
+
+    data_md5 = lineage.ensure_data(root, cfg.data.dir, source=_resolve(root, cfg.data.source),
+                                   include=cfg.data.include, remote=cfg.infra.dvc_remote)
+    experiment_id = tracking.setup(run_dir, cfg.infra.mlflow_experiment, cfg.infra.mlflow_tracking_uri)
+    init_ray(cfg.infra.ray_address, cfg.infra.ray_num_cpus)
+
+    client = mlflow.MlflowClient()
+    tags = {"preset": cfg.preset, "ablation": cfg.ablation, "config_hash": cfg.digest(),
+            "git_commit": tracking.git_commit(root), "dvc_data_md5": data_md5, "pipeline": "full"}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    parent = client.create_run(experiment_id, run_name=f"{cfg.preset}-{cfg.ablation}", tags=tags)
+    pid = parent.info.run_id
+    tracking.log_params(pid, cfg.flat())
+    logger.info("MLflow run %s (experiment %s, %s)", pid, cfg.infra.mlflow_experiment, mlflow.get_tracking_uri())
+    ctx = Context(cfg, root, run_dir / "artifacts", root / "datasets", experiment_id, pid, data_md5)
+    status = "FAILED"
+    try:
+        synth = synthesis(ctx)
+        s1 = stage1(ctx, synth)
+        filtered = filtering(ctx, synth, s1)
+        s2 = stage2(ctx, s1, filtered)
+        merged = merging(ctx, s2, cfg.merge, "merge", base=s1["final"] if s1 else None)
+        rr = reranker(ctx, filtered)
+        rr_merged = merging(ctx, rr, cfg.reranker_merge, "reranker-merge")
+
+        models: dict[str, tuple[str, str]] = {"backbone": (cfg.model.backbone, stage_key("backbone", model=cfg.model))}
+        for name, res in (("stage1", s1), ("stage2", s2), ("merged", merged)):
+            if res:
+                models[name] = (res["final"], res["key"])
+        final_name = list(models)[-1]
+        results: dict[str, dict] = {}
+        for name, (path, key) in models.items():
+            results[name] = evaluation(ctx, name, path, key)["results"]
+        final_rr = rr_merged or rr
+        if final_rr:
+            path, key = models[final_name]
+            results["reranker"] = evaluation(ctx, "reranker", path, key, final_rr["final"], final_rr["key"])["results"]
+
+        summary = _summarise(ctx, results, final_name, models, final_rr, t_start)
+        _log_final(ctx, summary, models[final_name][0], final_rr["final"] if final_rr else None)
+        status = "FINISHED"
+        return summary
+    finally:
+        client.set_terminated(pid, status=status)
+
+
+def _resolve(root: Path, p: str | None) -> Path | None:
+    if p is None:
+        return None
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else (root / path).resolve()
+
+
+def main_scores(results: dict) -> dict[str, float]:
+    """{task: main score} of one model's evaluation (reranking: the reranked nDCG@10)."""
+    out = {}
+    for task, metrics in results.items():
+        if not isinstance(metrics, dict):
+            continue
+        if "main_score" in metrics:
+            out[task] = metrics["main_score"]
+    return out
+
+
+def _summarise(ctx: Context, results: dict, final_name: str, models: dict, final_rr: dict | None,
+               t_start: float) -> dict:
+    total = time.perf_counter() - t_start
+    compute = sum(t["compute_s"] for t in ctx.timings)
+    table = {name: main_scores(res) for name, res in results.items()}
+    return {
+        "run_id": ctx.parent_run_id, "preset": ctx.cfg.preset, "ablation": ctx.cfg.ablation,
+        "final_model": final_name, "final_model_path": models[final_name][0],
+        "reranker_path": final_rr["final"] if final_rr else None,
+        "scores": table, "results": results, "stages": ctx.timings, "wall_s": total, "compute_s": compute,
+        "overhead_s": total - compute, "data_md5": ctx.data_md5,
+        "tracking_uri": __import__("mlflow").get_tracking_uri(),
+    }
+
+
+def _log_final(ctx: Context, summary: dict, final_model: str, final_reranker: str | None) -> None:
+    from tasks.data import atomic_write_text
+
+    pid = ctx.parent_run_id
+    metrics = {}
+    for name, scores in summary["scores"].items():
+        for task, value in scores.items():
+            metrics[f"eval/{name}/{task}"] = value
+    for task, value in summary["scores"].get(summary["final_model"], {}).items():
+        metrics[f"final/{task}"] = value
+    for task, value in summary["scores"].get("reranker", {}).items():
+        metrics[f"final/rerank/{task}"] = value
+    metrics.update({"time/wall_s": summary["wall_s"], "time/compute_s": summary["compute_s"],
+                    "time/overhead_s": summary["overhead_s"]})
+    tracking.log_metrics(pid, metrics)
+    out = ctx.artifacts.parent / "runs" / f"{pid}.json"
+    atomic_write_text(out, json.dumps(summary, indent=2, default=str))
+    client = __import__("mlflow").MlflowClient()
+    client.log_artifact(pid, str(out))
+    md = ctx.artifacts.parent / "runs" / f"{pid}.md"
+    atomic_write_text(md, scores_markdown(summary))
+    client.log_artifact(pid, str(md))
+    if not Path(final_model).is_dir():  # the untrained backbone: nothing of ours to log
+        return
+    uris = {"embedding": _logged_model(ctx, Path(final_model), "embedding", "embedding_model")}
+    if final_reranker:
+        uris["reranker"] = _logged_model(ctx, Path(final_reranker), "reranker", "reranker_model")
+    for kind, uri in uris.items():
+        client.set_tag(pid, f"model_uri.{kind}", uri)
+    summary["model_uris"] = uris
+
+
+def _logged_model(ctx: Context, model_dir: Path, kind: str, name: str) -> str:
+    """Log a model once per content (its stage key) and store: later runs that reuse the stage
+    point at the already-logged model instead of copying the weights again."""
+    import mlflow
+
+    note = model_dir.parent / f"mlflow-model-{kind}.json"
+    uri = mlflow.get_tracking_uri()
+    if note.is_file():
+        rec = json.loads(note.read_text())
+        if rec.get("tracking_uri") == uri:
+            return rec["model_uri"]
+    model_uri = tracking.log_model(ctx.parent_run_id, model_dir, kind, name)
+    from tasks.data import atomic_write_text
+
+    atomic_write_text(note, json.dumps({"tracking_uri": uri, "model_uri": model_uri}))
+    return model_uri
+
+
+def scores_markdown(summary: dict) -> str:
+    tasks_ = sorted({t for s in summary["scores"].values() for t in s})
+    lines = ["| model | " + " | ".join(tasks_) + " |", "|---|" + "---|" * len(tasks_)]
+    for name, scores in summary["scores"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{scores[t]:.4f}" if t in scores else "" for t in tasks_) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,141 @@
+"""DVC at the edge: the versioned inputs (`data/`, tracked by `data.dvc`) and the generated data sets
+(`datasets/<stage>/<key>`, each tracked by its own `.dvc` file), so every model can be traced back
+to the exact data it consumed.
+
+Fresh clone: `data/` is restored with `dvc pull` from the configured remote; when the remote does
+not have it (the embedded default is an empty local folder), it is copied from the bundled source
+(`data.source`, by default the real public data in ../shared/data) and checked against data.dvc.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+class LineageError(RuntimeError):
+    pass
+
+
+def _repo(root: Path):
+    from dvc.repo import Repo
+
+    return Repo(str(root))
+
+
+def read_dvc_file(path: str | Path) -> dict:
+    """{"md5": ..., "size": ..., "nfiles": ..., "path": ...} of a single-output .dvc file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LineageError(f"{path}: .dvc file not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    outs = data.get("outs") or []
+    if not outs or "md5" not in outs[0]:
+        raise LineageError(f"{path}: no 'outs[0].md5' field")
+    return outs[0]
+
+
+def data_version(root: str | Path, data_dir: str = "data") -> str:
+    return read_dvc_file(Path(root) / f"{data_dir}.dvc")["md5"]
+
+
+def is_clean(root: Path, target: str) -> bool:
+    """The workspace copy of `target` matches its .dvc file."""
+    return not _repo(root).status(targets=[str(root / f"{target}.dvc")])
+
+
+def _copy_bundled(source: Path, dest: Path, include: list[str]) -> None:
+    tmp = dest.with_name(dest.name + ".tmp-copy")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rel in include:
+        src = source / rel
+        if not src.exists():
+            raise LineageError(f"{src}: bundled data file missing (data.include lists {rel!r})")
+        out = tmp / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, out)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+
+
+def push(root: Path, targets: list[str], remote: str | None = None) -> bool:
+    try:
+        _repo(root).push(targets=[str(root / t) for t in targets], remote=remote)
+        return True
+    except Exception as e:  # a remote being down must not lose the local result
+        log.warning("dvc push of %s failed (%s); the data stays in the local cache", targets, e)
+        return False
+
+
+def ensure_data(root: str | Path, data_dir: str = "data", *, source: str | Path | None = None,
+                include: list[str] | None = None, remote: str | None = None) -> str:
+    """Make `data/` match a version tracked by DVC and return its md5 (the data version).
+
+    - present and matching data.dvc: nothing to do;
+    - missing: `dvc pull` from the remote, else copy the bundled source, then check;
+    - present but changed (new data the user put there): record it as a new version
+      (`dvc add`), push it, and say so: commit data.dvc to keep that version.
+    """
+    root = Path(root).resolve()
+    data = root / data_dir
+    dvc_file = root / f"{data_dir}.dvc"
+    if not (root / ".dvc").is_dir():
+        raise LineageError(f"{root}: not a DVC project (no .dvc/ folder); run `dvc init`")
+    if not data.exists() and dvc_file.is_file():
+        try:
+            _repo(root).pull(targets=[str(dvc_file)], remote=remote)
+            log.info("data: pulled %s from the DVC remote", data_dir)
+        except Exception as e:
+            if source is None:
+                raise LineageError(f"{data}: missing and `dvc pull` failed ({e}); set data.source or a remote") from e
+            log.info("data: remote has no copy (%s); using the bundled data in %s", type(e).__name__, source)
+    if not data.exists():
+        if source is None or not Path(source).is_dir():
+            raise LineageError(f"{data}: missing, and the bundled source {source} is not a folder")
+        _copy_bundled(Path(source), data, include or [])
+    if dvc_file.is_file() and is_clean(root, data_dir):
+        version = read_dvc_file(dvc_file)["md5"]
+    else:
+        old = read_dvc_file(dvc_file)["md5"] if dvc_file.is_file() else None
+        _repo(root).add([str(root / data_dir)])
+        version = read_dvc_file(dvc_file)["md5"]
+        log.warning("data: %s changed (%s -> %s): recorded as a new DVC version; commit %s.dvc to keep it",
+                    data_dir, old, version, data_dir)
+    push(root, [f"{data_dir}.dvc"], remote)
+    return version
+
+
+def track_dataset(root: str | Path, path: str | Path, remote: str | None = None) -> str:
+    """Version a generated data set folder with DVC (`dvc add` + push); returns its md5."""
+    root = Path(root).resolve()
+    rel = Path(path).resolve().relative_to(root)
+    dvc_file = root / f"{rel}.dvc"
+    if dvc_file.is_file() and is_clean(root, str(rel)):
+        return read_dvc_file(dvc_file)["md5"]
+    _repo(root).add([str(root / rel)])
+    push(root, [f"{rel}.dvc"], remote)
+    return read_dvc_file(dvc_file)["md5"]
+
+
+def content_hash(paths: list[str | Path]) -> str:
+    """sha256 over the relative names and bytes of files (folders walked in sorted order)."""
+    h = hashlib.sha256()
+    for p in paths:
+        p = Path(p)
+        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+        for f in files:
+            h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]

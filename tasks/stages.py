@@ -1,0 +1,126 @@
+"""Content-addressed stage artifacts, and the stage entry points the pipeline runs on Ray.
+
+A stage's folder is `<root>/<kind>/<stage>/<key>` where `key` hashes everything the stage's
+output depends on: its own config section, the model config, and the keys of the stages it
+reads. Same key = same inputs = reuse the folder (its `done.json` says it is complete); any
+change upstream changes every key downstream, so exactly those stages run again. A stage that
+failed halfway left its checkpoints/shards in its folder and resumes from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.config import DataSource, ModelConfig, TrainConfig
+from tasks.data import atomic_write_text
+
+# Bump when a stage's output format or semantics change, so old artifacts are not reused.
+ARTIFACT_VERSION = "1"
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "model_dump"):
+        return x.model_dump(mode="json")
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def stage_key(name: str, **inputs: Any) -> str:
+    blob = json.dumps({"stage": name, "version": ARTIFACT_VERSION, "inputs": _jsonable(inputs)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageDir:
+    name: str
+    key: str
+    path: Path
+
+    @property
+    def marker(self) -> Path:
+        return self.path / "done.json"
+
+    def result(self) -> dict | None:
+        """The recorded result if the stage completed, else None."""
+        if self.marker.is_file():
+            try:
+                return json.loads(self.marker.read_text())
+            except json.JSONDecodeError:
+                return None
+        return None
+
+    def complete(self, result: dict) -> dict:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.marker, json.dumps(_jsonable(result), indent=2))
+        return result
+
+
+def stage_dir(base: Path, name: str, key: str) -> StageDir:
+    return StageDir(name, key, base / name / key)
+
+
+# ----------------------------------------------------------------------------- entry points (run on Ray)
+
+def train_stage(cfg: TrainConfig, model_cfg: ModelConfig, out_dir: str, *, init: str | None = None,
+                extra_data: list[str] | None = None, data_root: str | None = None) -> dict:
+    """Train one stage; `extra_data` = folders of synthetic shards appended to the stage's data."""
+    from tasks.train import train
+
+    sources = list(cfg.data) + [DataSource(path=p) for p in (extra_data or [])]
+    cfg = cfg.model_copy(update={"data": sources})
+    res = train(cfg, model_cfg, out_dir, init=init, data_root=data_root, progress=True)
+    return {"final": str(res.final), "checkpoints": [str(c) for c in res.checkpoints],
+            "seconds_per_step": res.seconds_per_step, "peak_memory_mb": res.peak_memory_mb,
+            "steps": len(res.history), "first_loss": res.history[0]["loss"] if res.history else None,
+            "last_loss": res.history[-1]["loss"] if res.history else None,
+            "history": str(Path(out_dir) / "metrics.jsonl"), "loss_plot": str(res.final / "loss.png")}
+
+
+def merge_stage(checkpoints: list[str], out_dir: str, *, weights: list[float] | None = None,
+                base: str | None = None) -> dict:
+    from tasks.merge import slerp_merge
+
+    path = slerp_merge(checkpoints, Path(out_dir) / "model", weights=weights, base=base)
+    return {"final": str(path), "checkpoints": checkpoints, "method": "task_slerp" if base else "slerp"}
+
+
+def timed(fn, *args, **kwargs) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def _under(root: str | None, paths: list[str]) -> list[str]:
+    from tasks.data import resolve_path
+
+    return [str(resolve_path(p, root)) for p in paths]
+
+
+def eval_stage(model: str, cfg, out_dir: str, *, reranker: str | None = None, data_root: str | None = None,
+               label: str = "model") -> dict:
+    """Evaluate one model (and optionally the reranker on its top-k) through mteb; local paths in
+    the eval config are relative to the project root."""
+    from tasks.evaluate import evaluate_model
+
+    out = Path(out_dir) / "results.json"
+    results = evaluate_model(
+        model, tasks=cfg.tasks, task_dirs=_under(data_root, cfg.task_dirs), sts=_under(data_root, cfg.sts),
+        pairclf=_under(data_root, cfg.pairclf), benchmark=cfg.benchmark, reranker=reranker,
+        batch_size=cfg.batch_size, rerank_top_k=cfg.rerank_top_k, max_queries=cfg.max_queries,
+        max_corpus=cfg.max_corpus, max_pairs=cfg.max_pairs, out=out, revision=None, show=False,
+        dim=cfg.dims[0] if cfg.dims else None)
+    table = Path(out_dir) / "results.md"
+    rows = ["| task | main score |", "|---|---|"] + [f"| {t} | {m['main_score']:.4f} |" for t, m in results.items()]
+    atomic_write_text(table, "\n".join(rows) + "\n")
+    return {"results": results, "results_json": str(out), "table": str(table), "label": label,
+            "metrics": {"eval": results}}

@@ -1,0 +1,179 @@
+"""MLflow at the edge: where runs go, what a stage logs, models that load back, run comparison.
+
+Embedded default: a SQLite store `<run_dir>/mlflow.db` with artifacts in `<run_dir>/mlartifacts`;
+`infra.mlflow_tracking_uri` (or MLFLOW_TRACKING_URI) points at a tracking server instead. Only the
+driver logs (SQLite takes one writer); Ray workers write files that the driver logs afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def tracking_uri(run_dir: Path, configured: str | None = None) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+
+
+def setup(run_dir: Path, experiment: str, configured_uri: str | None = None) -> str:
+    """Point MLflow at the store and return the experiment id (created with an absolute
+    artifact location when the store is local)."""
+    import mlflow
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(run_dir, configured_uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = (run_dir / "mlartifacts").resolve().as_uri() if uri.startswith(("sqlite:", "file:", "/")) else None
+    return client.create_experiment(experiment, artifact_location=location)
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _chunks(items: list, n: int) -> Iterable[list]:
+    for i in range(0, len(items), n):
+        yield items[i: i + n]
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    client = __import__("mlflow").MlflowClient()
+    items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+             for k, v in sorted(params.items())]
+    for part in _chunks(items, 100):
+        client.log_batch(run_id, params=[Param(p.key, p.value[:6000]) for p in part])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    client = __import__("mlflow").MlflowClient()
+    ts = int(time.time() * 1000)
+    items = [Metric(_metric_key(k), float(v), ts, step or 0) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+    for part in _chunks(items, 500):
+        client.log_batch(run_id, metrics=part)
+
+
+def log_history(run_id: str, history: list[dict], prefix: str = "train/") -> None:
+    """Per-step training metrics (loss, lr, throughput) with their step numbers."""
+    import time
+
+    from mlflow.entities import Metric
+
+    client = __import__("mlflow").MlflowClient()
+    ts = int(time.time() * 1000)
+    items = [Metric(_metric_key(prefix + k), float(v), ts, int(rec["step"]))
+             for rec in history for k, v in rec.items() if k != "step" and isinstance(v, (int, float))]
+    for part in _chunks(items, 900):
+        client.log_batch(run_id, metrics=part)
+
+
+def _metric_key(key: str) -> str:
+    # MLflow keys: alphanumerics, _ - . / and spaces
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
+
+
+# ----------------------------------------------------------------------------- models in MLflow
+
+try:
+    import mlflow.pyfunc as _pyfunc
+
+    class EmbeddingPyfunc(_pyfunc.PythonModel):
+        """`mlflow.pyfunc.load_model(uri).predict(["text", ...])` -> [n, dim] unit embeddings.
+        A DataFrame works too: column `text`, optional column `instruction` (queries)."""
+
+        def load_context(self, context):
+            from tasks.models import Embedder
+
+            self.model = Embedder.load(context.artifacts["model"])
+
+        def predict(self, context, model_input, params=None):
+            import pandas as pd
+
+            if isinstance(model_input, pd.DataFrame):
+                texts = model_input["text"].tolist()
+                instr = model_input["instruction"].iloc[0] if "instruction" in model_input else None
+            else:
+                texts, instr = list(model_input), None
+            return self.model.encode(texts, instruction=instr or None, is_query=bool(instr))
+
+    class RerankerPyfunc(_pyfunc.PythonModel):
+        """`predict(DataFrame[query, document, (instruction)])` -> relevance scores in (0, 1)."""
+
+        def load_context(self, context):
+            from tasks.models import Reranker
+
+            self.model = Reranker.load(context.artifacts["model"])
+
+        def predict(self, context, model_input, params=None):
+            instr = model_input["instruction"].iloc[0] if "instruction" in model_input else None
+            return self.model.score(model_input["query"].tolist(), model_input["document"].tolist(),
+                                    instruction=instr)
+except ImportError:  # pragma: no cover - mlflow is a dependency; keep the module importable anyway
+    pass
+
+
+def log_model(run_id: str, model_dir: Path, kind: str, name: str, registered_name: str | None = None) -> str:
+    """Log a saved model folder as an MLflow pyfunc model that loads back; returns its model URI."""
+    import mlflow
+
+    python_model = EmbeddingPyfunc() if kind == "embedding" else RerankerPyfunc()
+    with mlflow.start_run(run_id=run_id, nested=True):
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=python_model, artifacts={"model": str(model_dir)},
+            pip_requirements=["torch", "transformers", "sentence-transformers", "safetensors", "peft"],
+            registered_model_name=registered_name)
+    return info.model_uri
+
+
+# ----------------------------------------------------------------------------- comparison
+
+def search_runs(experiment: str, filter_string: str = "", parents_only: bool = True):
+    import mlflow
+
+    df = mlflow.search_runs(experiment_names=[experiment], filter_string=filter_string,
+                            order_by=["attributes.start_time DESC"])
+    if parents_only and not df.empty and "tags.mlflow.parentRunId" in df:
+        df = df[df["tags.mlflow.parentRunId"].isna()]
+    return df
+
+
+def comparison_table(experiment: str, filter_string: str = "", metric_prefix: str = "final/"):
+    """One row per pipeline run: id, start, preset, ablation, data version and its final metrics."""
+    df = search_runs(experiment, filter_string)
+    if df.empty:
+        return df
+    keep = {"run_id": "run_id", "start_time": "start", "tags.preset": "preset", "tags.ablation": "ablation",
+            "tags.dvc_data_md5": "data", "tags.config_hash": "config"}
+    cols = [c for c in keep if c in df] + sorted(c for c in df if c.startswith(f"metrics.{metric_prefix}"))
+    out = df[cols].rename(columns={**keep, **{c: c[len("metrics."):] for c in cols if c.startswith("metrics.")}})
+    if "start" in out:
+        out["start"] = out["start"].astype(str).str[:19]
+    if "data" in out:
+        out["data"] = out["data"].astype(str).str[:10]
+    return out
