@@ -59,8 +59,8 @@ def quality(data: Path, work: Path) -> dict:
         for t in tasks:
             name = t.metadata.name
             out[label][name] = {k: res[name][k] for k in ("ndcg_at_10", "mrr_at_10", "recall_at_100")}
-        print(f"{label}: nq nDCG@10 {res['nq-msmarco-hardneg']['ndcg_at_10']:.4f}, "
-              f"stsb-200q nDCG@10 {res['stsb-en-traindev-200q']['ndcg_at_10']:.4f} ({seconds:.0f} s)", flush=True)
+        print(f"{label}: nq nDCG@10 {res['nq-msmarco-hardneg']['ndcg_at_10']:.4f}, stsb-200q nDCG@10 "
+              f"{res['stsb-en-traindev-200q']['ndcg_at_10']:.4f} ({seconds:.0f} s)", flush=True)
     return out
 
 

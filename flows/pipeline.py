@@ -227,7 +227,7 @@ def _section(cfg: PipelineConfig, name: str) -> dict:
 def pipeline(preset: str = "smol", overrides: list[str] | None = None, ablation: str | None = None,
              config_files: list[str] | None = None, project_dir: str = ".",
              parent_run_id: str | None = None) -> dict:
-    """Run the whole recipe; returns the run summary (also written to <run_dir>/runs/<run id>.json)."""
+    """Run the whole recipe; returns the run summary (also written to <run_dir>/runs/<run id>/summary.json)."""
     import mlflow
 
     t_start = time.perf_counter()
@@ -249,6 +249,11 @@ def pipeline(preset: str = "smol", overrides: list[str] | None = None, ablation:
     parent = client.create_run(experiment_id, run_name=f"{cfg.preset}-{cfg.ablation}", tags=tags)
     pid = parent.info.run_id
     tracking.log_params(pid, cfg.flat())
+    from tasks.config import dump_yaml
+    from tasks.data import atomic_write_text
+
+    resolved = atomic_write_text(run_dir / "runs" / pid / "config.yaml", dump_yaml(cfg))
+    client.log_artifact(pid, str(resolved))  # `q3e rerun RUN_ID` reruns exactly this
     logger.info("MLflow run %s (experiment %s, %s)", pid, cfg.infra.mlflow_experiment, mlflow.get_tracking_uri())
     ctx = Context(cfg, root, run_dir / "artifacts", root / "datasets", experiment_id, pid, data_md5)
     status = "FAILED"
@@ -330,11 +335,11 @@ def _log_final(ctx: Context, summary: dict, final_model: str, final_reranker: st
     metrics.update({"time/wall_s": summary["wall_s"], "time/compute_s": summary["compute_s"],
                     "time/overhead_s": summary["overhead_s"]})
     tracking.log_metrics(pid, metrics)
-    out = ctx.artifacts.parent / "runs" / f"{pid}.json"
+    out = ctx.artifacts.parent / "runs" / pid / "summary.json"
     atomic_write_text(out, json.dumps(summary, indent=2, default=str))
     client = __import__("mlflow").MlflowClient()
     client.log_artifact(pid, str(out))
-    md = ctx.artifacts.parent / "runs" / f"{pid}.md"
+    md = ctx.artifacts.parent / "runs" / pid / "scores.md"
     atomic_write_text(md, scores_markdown(summary))
     client.log_artifact(pid, str(md))
     if not Path(final_model).is_dir():  # the untrained backbone: nothing of ours to log

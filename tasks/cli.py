@@ -249,6 +249,98 @@ def run_cmd(
     _print_summary(summary)
 
 
+@app.command("ablate")
+def ablate_cmd(
+    preset: str = PresetOpt, files: Optional[List[Path]] = ConfigOpt,
+    only: Optional[List[str]] = typer.Option(None, "--only", help="run only these settings (repeatable)"),
+    project: Path = typer.Option(Path("."), help="project folder"),
+    overrides: Optional[List[str]] = OverridesArg,
+) -> None:
+    """Run the ablation sweep (paper Table 5: full, no-merge, no-synthetic, only-synthetic, plus the loss
+    ablations) under one MLflow parent run and print the Table-5-shaped comparison with each setting's
+    difference to `full`. Each setting is conf/ablations/<name>.yaml; add your own there."""
+    _setup_logging()
+    _config(preset, overrides, files)
+    from flows.ablate import ablate
+
+    res = ablate(preset=preset, only=list(only or []) or None, overrides=list(overrides or []),
+                 config_files=[str(f) for f in files or []], project_dir=str(project))
+    typer.echo(res["markdown"])
+    typer.echo(f"table, bar chart and summaries: {res['dir']} (MLflow run {res['run_id']})")
+
+
+@app.command("rerun")
+def rerun_cmd(
+    run_id: str = typer.Argument(..., help="MLflow run id of a pipeline run"),
+    project: Path = typer.Option(Path("."), help="project folder"),
+    run_dir: Path = typer.Option(Path("runs"), help="run folder of the embedded MLflow store"),
+    experiment: str = typer.Option("qwen3-embedding", help="MLflow experiment name"),
+) -> None:
+    """Reproduce a run from MLflow: same preset, ablation and resolved configuration (its config.yaml)."""
+    _setup_logging()
+    from flows.ablate import rerun_args
+    from flows.pipeline import pipeline
+    from tasks import tracking
+
+    args = rerun_args(run_id, project / run_dir if not run_dir.is_absolute() else run_dir, experiment)
+    commit = tracking.git_commit(project.resolve())
+    if args["git_commit"] and args["git_commit"] != commit:
+        typer.secho(f"warning: run {run_id} was made at commit {args['git_commit']}, this is {commit}", fg="yellow")
+    summary = pipeline(preset=args["preset"], ablation=args["ablation"], config_files=args["config_files"],
+                       project_dir=str(project))
+    if args["dvc_data_md5"] and args["dvc_data_md5"] != summary["data_md5"]:
+        typer.secho(f"warning: data version differs: run had {args['dvc_data_md5']}, now {summary['data_md5']}",
+                    fg="yellow")
+    _print_summary(summary)
+
+
+@app.command("retrain")
+def retrain_cmd(
+    preset: str = PresetOpt, files: Optional[List[Path]] = ConfigOpt,
+    project: Path = typer.Option(Path("."), help="project folder"),
+    overrides: Optional[List[str]] = OverridesArg,
+) -> None:
+    """Retrain on the newest data version and promote the new model (registry alias `champion`) only if
+    it is not worse than the current champion on the configured metric (retrain.*)."""
+    _setup_logging()
+    _config(preset, overrides, files)
+    from flows.retrain import retrain
+
+    res = retrain(preset=preset, overrides=list(overrides or []), config_files=[str(f) for f in files or []],
+                  project_dir=str(project))
+    typer.echo(f"{res['decision']}: {res['reason']}")
+
+
+@app.command("schedule")
+def schedule_cmd(
+    cron: str = typer.Option(..., help='cron schedule, e.g. "0 3 * * 0" (Sundays 03:00)'),
+    preset: str = PresetOpt,
+    project: Path = typer.Option(Path("."), help="project folder the scheduled runs use"),
+    name: Optional[str] = typer.Option(None, help="deployment name (default retrain-<preset>)"),
+    register_only: bool = typer.Option(False, "--register-only",
+                                       help="register the deployment with the Prefect API and exit "
+                                            "(a worker or `prefect deploy` runs it)"),
+    overrides: Optional[List[str]] = OverridesArg,
+) -> None:
+    """Serve the retraining flow as a Prefect deployment on a cron schedule.
+
+    Without --register-only this process serves the schedule (keep it running). Scheduling needs a
+    Prefect server: `prefect server start` locally, or PREFECT_API_URL pointing at yours; to use a
+    work pool instead, see infra/prefect/prefect.yaml and `prefect deploy`."""
+    _setup_logging()
+    _config(preset, overrides)
+    from flows.retrain import register_schedule
+
+    deployment = register_schedule(cron, preset, list(overrides or []), str(project), name)
+    if register_only:
+        dep_id = deployment.apply()
+        typer.echo(f"registered deployment {deployment.name!r} ({dep_id}) with cron {cron!r}")
+        return
+    from prefect import serve
+
+    serve(deployment)
+
+
 runs_app = typer.Typer(help="Compare pipeline runs recorded in MLflow.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 

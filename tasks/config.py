@@ -253,6 +253,20 @@ class InfraConfig(Strict):
     dvc_remote: str | None = None
 
 
+class RetrainConfig(Strict):
+    """Scheduled retraining: promote a new model only if it is not worse than the champion."""
+
+    registered_model: str = "qwen3-embedding"
+    alias: str = "champion"
+    metric: str = Field("mean", description="'mean' of the final main scores, or one task name")
+    tolerance: float = Field(0.0, ge=0, description="promote if new >= champion - tolerance")
+
+
+class AblationConfig(Strict):
+    settings: list[str] = ["full", "no-merge", "no-synthetic", "only-synthetic", "no-qq", "no-dd", "no-qd",
+                           "no-fn-mask", "no-hard-negatives"]
+
+
 class PipelineConfig(Strict):
     preset: str = "smol"
     ablation: str = "full"
@@ -269,6 +283,8 @@ class PipelineConfig(Strict):
     reranker: TrainConfig = TrainConfig(objective="reranker")
     reranker_merge: MergeConfig = MergeConfig()
     eval: EvalConfig = EvalConfig()
+    ablations: AblationConfig = AblationConfig()
+    retrain: RetrainConfig = RetrainConfig()
     infra: InfraConfig = InfraConfig()
 
     @property

@@ -37,8 +37,9 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.types import PromptType
 
 from tasks.config import EvalConfig, ModelConfig
-from tasks.data import DataError, atomic_write_text, doc_text, iter_jsonl, load_beir
+from tasks.data import DataError, atomic_write_text, iter_jsonl, load_beir
 from tasks.models import (
+    DEFAULT_INSTRUCTION,
     MODEL_CARD,
     Embedder,
     ModelLoadError,
@@ -50,7 +51,6 @@ from tasks.models import (
 log = logging.getLogger(__name__)
 
 PROMPTS_FILE = Path(__file__).resolve().parent.parent / "conf" / "task_prompts.json"
-RETRIEVAL_TYPES = ("Retrieval", "Reranking", "InstructionRetrieval", "InstructionReranking")
 # What `evaluate_model` reports before/after reranking (the paper's Table 4 uses nDCG@10).
 RERANK_METRICS = ("ndcg_at_10", "map_at_10", "mrr_at_10", "recall_at_100")
 K_VALUES = (1, 3, 5, 10, 20, 100, 1000)  # mteb's AbsTaskRetrieval.k_values
@@ -87,17 +87,11 @@ class TaskPrompts:
             return task_prompt
         if task_type and task_type in self.table:
             return self.table[task_type]
-        return self.table.get("default", _default_instruction())
+        return self.table.get("default", DEFAULT_INSTRUCTION)
 
     def for_task(self, metadata) -> str:
         """The instruction for an mteb `TaskMetadata`."""
         return self.instruction(metadata.name, metadata.type, metadata.prompt)
-
-
-def _default_instruction() -> str:
-    from tasks.models import DEFAULT_INSTRUCTION
-
-    return DEFAULT_INSTRUCTION
 
 
 def _read_prompts(path: Path) -> dict[str, str]:
@@ -166,7 +160,8 @@ class EmbeddingCache:
 
     def path(self, fingerprint: str, *, dim: int | None, instruction: str | None, max_length: int | None,
              texts: Sequence[str]) -> Path:
-        key = hashlib.sha256(json.dumps([dim, instruction, max_length, texts_hash(texts)]).encode()).hexdigest()[:24]
+        key = json.dumps([dim, instruction, max_length, texts_hash(texts)])
+        key = hashlib.sha256(key.encode()).hexdigest()[:24]
         return self.folder / fingerprint / f"{key}.npy"
 
     def get_or_compute(self, fingerprint: str, texts: Sequence[str], compute: Callable[[], np.ndarray], *,
@@ -200,8 +195,9 @@ def default_embedding_cache() -> EmbeddingCache:
 
 # ----------------------------------------------------------------------------- mteb model wrappers
 
-def _model_meta(name: str, revision: str, *, embed_dim: int | None, n_parameters: int | None, max_tokens: int | None,
-                cross_encoder: bool = False, use_instructions: bool = True, dim: int | None = None):
+def _model_meta(name: str, revision: str, *, embed_dim: int | None, n_parameters: int | None,
+                max_tokens: int | None, cross_encoder: bool = False, use_instructions: bool = True,
+                dim: int | None = None):
     from mteb.models.model_meta import ModelMeta
 
     return ModelMeta(
@@ -232,9 +228,9 @@ class MtebEmbedder(AbsEncoder):
     serves another checkpoint's score) and the embedding-cache namespace.
     """
 
-    def __init__(self, model: Embedder | Any, *, name: str, fingerprint: str, prompts: TaskPrompts | None = None,
-                 dim: int | None = None, batch_size: int = 32, cache: EmbeddingCache | None = None,
-                 show_progress: bool = False):
+    def __init__(self, model: Embedder | Any, *, name: str, fingerprint: str,
+                 prompts: TaskPrompts | None = None, dim: int | None = None, batch_size: int = 32,
+                 cache: EmbeddingCache | None = None, show_progress: bool = False):
         self.model = model
         self.is_st = not isinstance(model, Embedder)
         self.prompts = prompts or TaskPrompts.load()
@@ -253,9 +249,9 @@ class MtebEmbedder(AbsEncoder):
             max_tokens = max(model.cfg.max_query_length, model.cfg.max_doc_length)
         if dim is not None and hidden is not None and dim > hidden:
             raise ValueError(f"--dim {dim} is larger than the model's embedding size {hidden}")
-        self.mteb_model_meta = _model_meta(name if "/" in name else f"q3e/{name}", fingerprint,
-                                           embed_dim=dim or hidden, n_parameters=n_params, max_tokens=max_tokens,
-                                           use_instructions=not self.is_st, dim=dim)
+        self.mteb_model_meta = _model_meta(
+            name if "/" in name else f"q3e/{name}", fingerprint, embed_dim=dim or hidden, n_parameters=n_params,
+            max_tokens=max_tokens, use_instructions=not self.is_st, dim=dim)
 
     def instruction(self, task_metadata, prompt_type) -> str | None:
         if self.is_st or prompt_type == PromptType.document:
@@ -289,15 +285,15 @@ class MtebEmbedder(AbsEncoder):
                     emb = emb[:, : self.dim]
                     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
                 return emb
-            return self.model.encode(list(texts), instruction=instruction, batch_size=batch_size, dim=self.dim,
-                                     max_length=max_length, show_progress=self.show_progress)
+            return self.model.encode(list(texts), instruction=instruction, batch_size=batch_size,
+                                     dim=self.dim, max_length=max_length, show_progress=self.show_progress)
 
         if not texts:
             return np.zeros((0, self.mteb_model_meta.embed_dim), dtype=np.float32)
         if self.cache is None:
             return np.asarray(compute(), dtype=np.float32)
-        return self.cache.get_or_compute(self.fingerprint, texts, compute, dim=self.dim, instruction=instruction,
-                                         max_length=max_length)
+        return self.cache.get_or_compute(self.fingerprint, texts, compute, dim=self.dim,
+                                         instruction=instruction, max_length=max_length)
 
 
 class MtebReranker:
@@ -310,9 +306,10 @@ class MtebReranker:
         self.prompts = prompts or TaskPrompts.load()
         self.batch_size = batch_size
         self.predict_calls = 0
-        self.mteb_model_meta = _model_meta(name if "/" in name else f"q3e/{name}", fingerprint, embed_dim=None,
-                                           n_parameters=sum(p.numel() for p in model.parameters()),
-                                           max_tokens=model.cfg.max_rerank_length, cross_encoder=True)
+        self.mteb_model_meta = _model_meta(
+            name if "/" in name else f"q3e/{name}", fingerprint, embed_dim=None,
+            n_parameters=sum(p.numel() for p in model.parameters()), max_tokens=model.cfg.max_rerank_length,
+            cross_encoder=True)
 
     def predict(self, inputs1, inputs2, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None,
                 **kwargs) -> np.ndarray:
@@ -371,7 +368,8 @@ def load_embedding_model(spec: str | Path | ModelConfig | Embedder, *, device=No
         commit = getattr(emb.backbone.config, "_commit_hash", None) or emb.cfg.revision or "main"
         fp = hashlib.sha256(f"{emb.source}|{commit}|{cfg_json}".encode()).hexdigest()[:16]
     spec_name = spec.backbone if isinstance(spec, ModelConfig) else str(spec)
-    return LoadedModel(emb, _slug(Path(spec_name).name if Path(spec_name).exists() else spec_name), revision or fp)
+    name = Path(spec_name).name if Path(spec_name).exists() else spec_name
+    return LoadedModel(emb, _slug(name), revision or fp)
 
 
 def load_reranker_model(spec: str | Path | ModelConfig | Reranker, *, device=None) -> LoadedModel:
@@ -385,15 +383,16 @@ def load_reranker_model(spec: str | Path | ModelConfig | Reranker, *, device=Non
     return LoadedModel(rr, _slug(Path(spec_name).name) + "-reranker", fp)
 
 
-def as_mteb_encoder(model, *, prompts: TaskPrompts | None = None, dim: int | None = None, batch_size: int = 32,
-                    cache: EmbeddingCache | None = None, device=None, revision: str | None = None):
+def as_mteb_encoder(model, *, prompts: TaskPrompts | None = None, dim: int | None = None,
+                    batch_size: int = 32, cache: EmbeddingCache | None = None, device=None,
+                    revision: str | None = None):
     """Anything `evaluate_model` accepts -> an mteb encoder. An object that already carries
     `mteb_model_meta` (e.g. a test's oracle encoder) is used as is."""
     if hasattr(model, "mteb_model_meta") and not isinstance(model, (Embedder, Reranker)):
         return model
     loaded = load_embedding_model(model, device=device, revision=revision)
-    return MtebEmbedder(loaded.model, name=loaded.name, fingerprint=loaded.fingerprint, prompts=prompts, dim=dim,
-                        batch_size=batch_size, cache=cache)
+    return MtebEmbedder(loaded.model, name=loaded.name, fingerprint=loaded.fingerprint, prompts=prompts,
+                        dim=dim, batch_size=batch_size, cache=cache)
 
 
 def as_mteb_reranker(model, *, prompts: TaskPrompts | None = None, batch_size: int = 16, device=None):
@@ -424,8 +423,8 @@ def _metadata(name: str, type_: str, main_score: str, path: Path, revision: str,
     from mteb.abstasks.task_metadata import TaskMetadata
 
     return TaskMetadata(name=name, description=description, dataset={"path": str(path), "revision": revision},
-                        type=type_, category="t2t", modalities=["text"], eval_splits=["test"], eval_langs=[lang],
-                        main_score=main_score)
+                        type=type_, category="t2t", modalities=["text"], eval_splits=["test"],
+                        eval_langs=[lang], main_score=main_score)
 
 
 def _local_task(base: type, metadata, data: Any, **attrs):
@@ -451,8 +450,9 @@ def _sample(items: Sequence, n: int | None, seed: int) -> list:
     return [x for i, x in enumerate(items) if i in keep]
 
 
-def beir_task(folder: str | Path, name: str | None = None, split: str = "test", *, max_queries: int | None = None,
-              max_corpus: int | None = None, seed: int = 0, lang: str | None = None):
+def beir_task(folder: str | Path, name: str | None = None, split: str = "test", *,
+              max_queries: int | None = None, max_corpus: int | None = None, seed: int = 0,
+              lang: str | None = None):
     """An mteb retrieval task (main score nDCG@10) from a BEIR folder: corpus.jsonl, queries.jsonl,
     qrels/<split>.tsv. Read now (bad input fails here, naming file:line:field).
 
@@ -486,8 +486,8 @@ def beir_task(folder: str | Path, name: str | None = None, split: str = "test", 
                      f"Local BEIR folder {folder} ({len(qids)} queries, {len(doc_ids)} documents)")
 
     def data() -> dict:  # mteb mutates relevant_docs/queries in place: hand out fresh copies
-        return {"corpus": corpus, "queries": queries, "relevant_docs": {q: dict(d) for q, d in relevant.items()},
-                "top_ranked": None}
+        return {"corpus": corpus, "queries": queries, "top_ranked": None,
+                "relevant_docs": {q: dict(d) for q, d in relevant.items()}}
 
     return _local_task(AbsTaskRetrieval, meta, data)
 
@@ -497,7 +497,8 @@ _S2 = ("sentence2", "sentence_b", "s2", "text2", "text_b", "document")
 _SCORE = ("score", "relatedness_score", "similarity", "gold", "label")
 
 
-def _read_pairs_file(path: Path, value_fields: Sequence[str], value_name: str) -> list[tuple[str, str, str, str]]:
+def _read_pairs_file(path: Path, value_fields: Sequence[str],
+                     value_name: str) -> list[tuple[str, str, str, str]]:
     """(sentence1, sentence2, raw value, where) from a TSV (header with named columns, or bare
     `s1 TAB s2 TAB value`) or a JSONL of {sentence1, sentence2, <value>}."""
     if not path.is_file():
@@ -527,8 +528,8 @@ def _read_pairs_file(path: Path, value_fields: Sequence[str], value_name: str) -
         value_col = next((first.index(v) for v in value_fields if v in first), None)
         if value_col is None:
             raise DataError(f"{path}:1: header has no {value_name} column (one of {', '.join(value_fields)})")
-        cols = (next(first.index(c) for c in _S1 if c in first), next(first.index(c) for c in _S2 if c in first),
-                value_col)
+        cols = (next(first.index(c) for c in _S1 if c in first),
+                next(first.index(c) for c in _S2 if c in first), value_col)
         lines = lines[1:]
         start = 2
     else:
@@ -540,13 +541,14 @@ def _read_pairs_file(path: Path, value_fields: Sequence[str], value_name: str) -
         where = f"{path}:{lineno}"
         if cols is None:
             if len(parts) != 3:
-                raise DataError(f"{where}: expected 3 tab-separated columns sentence1, sentence2, {value_name}; "
-                                f"got {len(parts)}")
+                raise DataError(f"{where}: expected 3 tab-separated columns sentence1, sentence2, "
+                                f"{value_name}; got {len(parts)}")
             c1, c2, cv = 0, 1, 2
         else:
             c1, c2, cv = cols
             if len(parts) <= max(cols):
-                raise DataError(f"{where}: expected at least {max(cols) + 1} tab-separated columns, got {len(parts)}")
+                raise DataError(f"{where}: expected at least {max(cols) + 1} tab-separated columns, "
+                                f"got {len(parts)}")
         for label, c in (("sentence1", c1), ("sentence2", c2)):
             if not parts[c].strip():
                 raise DataError(f"{where}: field {label!r} is empty")
@@ -560,7 +562,8 @@ def sts_task(path: str | Path, name: str | None = None, *, max_pairs: int | None
              lang: str | None = None):
     """An mteb STS task (main score: Spearman of cosine similarities) from sentence pairs with gold
     scores: STS-Benchmark TSV (header with sentence1/sentence2/score), SICK (sentence_A/sentence_B/
-    relatedness_score), bare `s1 TAB s2 TAB score` (Chinese STS-B .data), or JSONL {sentence1, sentence2, score}."""
+    relatedness_score), bare `s1 TAB s2 TAB score` (Chinese STS-B .data), or JSONL
+    {sentence1, sentence2, score}."""
     from datasets import Dataset
     from mteb.abstasks import AbsTaskSTS
 
@@ -577,7 +580,8 @@ def sts_task(path: str | Path, name: str | None = None, *, max_pairs: int | None
         scores.append(value)
     if len(rows) < 2 or min(scores) == max(scores):
         raise DataError(f"{path}: an STS set needs at least two pairs with different scores")
-    ds = Dataset.from_dict({"sentence1": [r[0] for r in rows], "sentence2": [r[1] for r in rows], "score": scores})
+    ds = Dataset.from_dict({"sentence1": [r[0] for r in rows], "sentence2": [r[1] for r in rows],
+                            "score": scores})
     name = name or _slug(path.stem)
     meta = _metadata(name, "STS", "cosine_spearman", path, _files_revision([path], f"{max_pairs}|{seed}"),
                      lang or _guess_lang(r[0] for r in rows), f"Local STS pairs {path} ({len(rows)} pairs)")
@@ -601,10 +605,12 @@ def pair_classification_task(path: str | Path, name: str | None = None, *, max_p
         labels.append(int(float(raw)))
     if len(set(labels)) < 2:
         raise DataError(f"{path}: a pair-classification set needs both labels 0 and 1")
-    ds = Dataset.from_dict({"sentence1": [r[0] for r in rows], "sentence2": [r[1] for r in rows], "labels": labels})
+    ds = Dataset.from_dict({"sentence1": [r[0] for r in rows], "sentence2": [r[1] for r in rows],
+                            "labels": labels})
     name = name or _slug(path.stem)
-    meta = _metadata(name, "PairClassification", "max_ap", path, _files_revision([path], f"{max_pairs}|{seed}"),
-                     lang or _guess_lang(r[0] for r in rows), f"Local labelled pairs {path} ({len(rows)} pairs)")
+    meta = _metadata(name, "PairClassification", "max_ap", path,
+                     _files_revision([path], f"{max_pairs}|{seed}"), lang or _guess_lang(r[0] for r in rows),
+                     f"Local labelled pairs {path} ({len(rows)} pairs)")
     return _local_task(AbsTaskPairClassification, meta, ds)
 
 
@@ -699,12 +705,13 @@ def score_run(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mappin
     qrels = {q: {d: int(s) for d, s in docs.items()} for q, docs in qrels.items() if docs}
     full_run = {q: {d: float(s) for d, s in run.get(q, {}).items()} for q in qrels}
     res = calculate_retrieval_scores(full_run, qrels, k_values)
-    scores = make_score_dict(ndcg=res.ndcg, _map=res.map, recall=res.recall, precision=res.precision, mrr=res.mrr,
-                             naucs={}, naucs_mrr={}, hit_rate=res.hit_rate, task_scores={})
+    scores = make_score_dict(ndcg=res.ndcg, _map=res.map, recall=res.recall, precision=res.precision,
+                             mrr=res.mrr, naucs={}, naucs_mrr={}, hit_rate=res.hit_rate, task_scores={})
     return {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
 
 
-def rerank_run(run: Mapping[str, Mapping[str, float]], score_pairs: Callable[[list[str], list[str]], Sequence[float]],
+def rerank_run(run: Mapping[str, Mapping[str, float]],
+               score_pairs: Callable[[list[str], list[str]], Sequence[float]],
                top_k: int = 100) -> dict[str, dict[str, float]]:
     """The top_k documents of each query of `run`, rescored by `score_pairs(qids, docids)`."""
     pairs = [(q, d) for q, docs in run.items()
@@ -767,7 +774,7 @@ def evaluate_model(
     max_corpus: int | None = None,
     max_pairs: int | None = None,
     eval_cfg: EvalConfig | None = None,
-    embedding_cache: bool | str | Path = True,
+    embedding_cache: bool | str | Path | EmbeddingCache = True,
     result_cache: str | Path | None = None,
     revision: str | None = None,
     device=None,
@@ -779,10 +786,13 @@ def evaluate_model(
     model: saved model folder, `micro`, `bundled:smollm2`, `bundled:all-minilm-l6-v2`, `st:<path>`,
       hub name, ModelConfig, live Embedder, or any mteb encoder.
     tasks / benchmark: mteb task names or task objects (e.g. a `beir_task(...)`) / benchmark name
-      (hub tasks need the hub); task_dirs: BEIR folders; sts / pairclf: local pair files. Unset values come from `eval_cfg` (EvalConfig) when given.
+      (hub tasks need the hub); task_dirs: BEIR folders; sts / pairclf: local pair files.
+      With none of these given, they come from `eval_cfg` (an EvalConfig), as do unset sizes.
     reranker: rerank the top `rerank_top_k` of every retrieval task; adds `<task>/rerank` entries.
     revision: identifies the checkpoint for mteb (default: a fingerprint of the model's files);
       an MLflow run id is a good choice. prompts: overrides of conf/task_prompts.json.
+    embedding_cache: True = <Q3E_CACHE_DIR>/embeddings, a folder or an EmbeddingCache, False = off.
+    result_cache: a folder for mteb's own ResultCache (off by default: our JSON is the record).
     Returns {task: {metric: value, ..., "main_score": value}}; writes `out` (JSON, atomically; default
     runs/eval/<model>-<revision>.json); logs `eval/<task>/<metric>` to `mlflow_run_id` if given.
     """
@@ -800,10 +810,14 @@ def evaluate_model(
         raise ValueError("nothing to evaluate: give a benchmark, mteb task names, BEIR task folders, "
                          "STS files or pair-classification files")
     table = TaskPrompts.load(prompts)
-    cache = (None if embedding_cache is False else default_embedding_cache() if embedding_cache is True
-             else EmbeddingCache(embedding_cache))
-    encoder = as_mteb_encoder(model, prompts=table, dim=dim, batch_size=batch_size, cache=cache, device=device,
-                              revision=revision)
+    if isinstance(embedding_cache, EmbeddingCache):
+        cache = embedding_cache
+    elif embedding_cache is True:
+        cache = default_embedding_cache()
+    else:
+        cache = EmbeddingCache(embedding_cache) if embedding_cache else None
+    encoder = as_mteb_encoder(model, prompts=table, dim=dim, batch_size=batch_size, cache=cache,
+                              device=device, revision=revision)
     rr = as_mteb_reranker(reranker, prompts=table, device=device) if reranker is not None else None
 
     t0 = time.perf_counter()
@@ -865,7 +879,8 @@ def _metric_key(task: str, metric: str) -> str:
     return re.sub(r"[^\w\-./ ]", "_", f"eval/{task}/{metric}")
 
 
-def log_to_mlflow(run_id: str, results: Mapping[str, Mapping[str, float]], result_file: Path | None = None) -> None:
+def log_to_mlflow(run_id: str, results: Mapping[str, Mapping[str, float]],
+                  result_file: Path | None = None) -> None:
     """Log `eval/<task>/<metric>` (and the result JSON under `eval/`) to an existing MLflow run;
     never creates one. nAUC abstention metrics are skipped."""
     from mlflow import MlflowClient

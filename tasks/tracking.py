@@ -142,7 +142,8 @@ def log_model(run_id: str, model_dir: Path, kind: str, name: str, registered_nam
     """Log a saved model folder as an MLflow pyfunc model that loads back; returns its model URI."""
     import mlflow
 
-    python_model = EmbeddingPyfunc() if kind == "embedding" else RerankerPyfunc()
+    code = Path(__file__).parent / "mlflow_models" / ("embedding.py" if kind == "embedding" else "reranker.py")
+    python_model = str(code)  # models from code: nothing pickled
     with mlflow.start_run(run_id=run_id, nested=True):
         info = mlflow.pyfunc.log_model(
             name=name, python_model=python_model, artifacts={"model": str(model_dir)},

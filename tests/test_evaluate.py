@@ -17,7 +17,8 @@ from mteb.types import PromptType
 from tasks.data import DataError, write_jsonl
 from tasks.evaluate import (
     EmbeddingCache, MtebEmbedder, TaskPrompts, beir_task, evaluate_model, evaluate_reranking, log_to_mlflow,
-    pair_classification_task, parameters_fingerprint, rerank_run, resolve_tasks, run_task, score_run, sts_task,
+    pair_classification_task, parameters_fingerprint, rerank_run, resolve_tasks, run_task, score_run,
+    sts_task,
 )
 
 INV_LOG2_3 = 1 / math.log2(3)  # nDCG@10 of a single relevant document found at rank 2
@@ -45,7 +46,8 @@ class OracleEncoder(AbsEncoder):
 
     def __init__(self, second: bool = False, inverted: bool = False):
         self.second, self.inverted = second, inverted
-        self.mteb_model_meta = ModelMeta.create_empty({"name": f"test/oracle-{second}-{inverted}", "revision": "1"})
+        self.mteb_model_meta = ModelMeta.create_empty(
+            {"name": f"test/oracle-{second}-{inverted}", "revision": "1"})
 
     def _vec(self, text: str) -> np.ndarray:
         v = np.zeros(len(DOCS), dtype=np.float32)
@@ -198,10 +200,11 @@ def test_sts_and_pair_files_in_every_supported_format(shared_data, tmp_path):
         assert len(ds) == n, label
         assert (min(ds["score"]), max(ds["score"])) == (lo, hi), label
         assert all(isinstance(s, str) and s for s in ds["sentence1"][:50] + ds["sentence2"][:50]), label
-    for path, n in ((shared_data / "zh-pairclf/PAWSX.valid.tsv", 2000), (shared_data / "zh-pairclf/AFQMC.dev.jsonl", 4316)):
-        task = pair_classification_task(path)
+    for path, n in (("zh-pairclf/PAWSX.valid.tsv", 2000), ("zh-pairclf/AFQMC.dev.jsonl", 4316)):
+        task = pair_classification_task(shared_data / path)
         task.load_data()
-        assert len(task.dataset["default"]["test"]) == n and set(task.dataset["default"]["test"]["labels"]) == {0, 1}
+        ds = task.dataset["default"]["test"]
+        assert len(ds) == n and set(ds["labels"]) == {0, 1}
         assert task.metadata.eval_langs == ["cmn-Hans"]
     sub = sts_task(formats["SICK_trial.txt"][0], max_pairs=50)
     sub.load_data()
@@ -233,10 +236,11 @@ def test_task_prompts_lookup_and_overrides(tmp_path):
     import mteb
 
     p = TaskPrompts.load()
-    assert p.instruction("NFCorpus") == "Given a question, retrieve relevant documents that best answer the question"
+    assert p.instruction("NFCorpus") == ("Given a question, retrieve relevant documents that best answer "
+                                         "the question")
     assert p.instruction("CQADupstackUnixRetrieval").startswith("Given a question, retrieve detailed question")
     assert p.instruction("xquad-de") == "Given a question, retrieve Wikipedia passages that answer the question"
-    assert p.instruction("SomeNewTask", "Retrieval", {"query": "Find it"}) == "Find it"  # the task's own prompt
+    assert p.instruction("SomeNewTask", "Retrieval", {"query": "Find it"}) == "Find it"  # the task's prompt
     assert p.instruction("SomeNewTask", "STS") == "Retrieve semantically similar text."     # its type
     assert p.instruction("SomeNewTask") == p.table["default"]
     override = tmp_path / "prompts.json"
@@ -257,7 +261,8 @@ def test_queries_get_the_instruction_documents_none_symmetric_both(micro_embedde
     sts = resolve_tasks(tasks=["STSBenchmark"])[0].metadata
     assert enc.instruction(retrieval, PromptType.query) == TaskPrompts.load().instruction("NFCorpus")
     assert enc.instruction(retrieval, PromptType.document) is None
-    assert enc.instruction(sts, None) == "Retrieve semantically similar text."  # STS: both sides, prompt_type None
+    # STS: mteb passes prompt_type None for both sides, and both get the instruction
+    assert enc.instruction(sts, None) == "Retrieve semantically similar text."
 
 
 def test_standard_benchmarks_resolve_offline():
@@ -304,7 +309,8 @@ def test_log_to_mlflow_writes_eval_metrics_to_an_existing_run(tmp_path, monkeypa
     run_id = client.create_run(exp).info.run_id
     result_file = tmp_path / "r.json"
     result_file.write_text("{}")
-    log_to_mlflow(run_id, {"nq/rerank": {"ndcg_at_10": 0.5, "main_score": 0.5, "nauc_at_10_max": 0.1}}, result_file)
+    results = {"nq/rerank": {"ndcg_at_10": 0.5, "main_score": 0.5, "nauc_at_10_max": 0.1}}
+    log_to_mlflow(run_id, results, result_file)
     metrics = client.get_run(run_id).data.metrics
     assert metrics == {"eval/nq/rerank/ndcg_at_10": 0.5, "eval/nq/rerank/main_score": 0.5}
     assert [a.path for a in client.list_artifacts(run_id, "eval")] == ["eval/r.json"]

@@ -1,0 +1,5 @@
+import mlflow
+
+from tasks.tracking import EmbeddingPyfunc
+
+mlflow.models.set_model(EmbeddingPyfunc())

@@ -1,0 +1,5 @@
+import mlflow
+
+from tasks.tracking import RerankerPyfunc
+
+mlflow.models.set_model(RerankerPyfunc())
