@@ -122,8 +122,8 @@ def synthesis(ctx: Context) -> dict | None:
     from tasks.stages import synth_stage
 
     key = stage_key("synthesis", synth=cfg.synth, data=ctx.data_md5)
-    sd = stage_dir(ctx.datasets, "synthetic", key)
-    return run_stage.with_options(name="synthesis")(
+    sd = stage_dir(ctx.datasets, "synthesis", key, folder="synthetic")
+    return run_stage.with_options(name=sd.name)(
         ctx, sd, synth_stage, (cfg.synth, str(sd.path)),
         {"data_root": str(ctx.root), "ray_address": cfg.infra.ray_address, "project_root": str(ctx.root),
          "dvc_remote": cfg.infra.dvc_remote},
@@ -134,9 +134,12 @@ def stage1(ctx: Context, synth: dict | None) -> dict | None:
     cfg = ctx.cfg
     if not cfg.stage1.enabled or synth is None:
         return None
+    if synth["n_accepted"] == 0:
+        _logger().warning("stage1: synthesis accepted no pairs (see %s); skipping stage 1", synth["stats"])
+        return None
     key = stage_key("stage1", train=cfg.stage1, model=cfg.model, synth=synth["key"], data=ctx.data_md5)
     sd = stage_dir(ctx.artifacts, "stage1", key)
-    return run_stage.with_options(name="stage1-pretrain")(
+    return run_stage.with_options(name=sd.name)(
         ctx, sd, train_stage, (cfg.stage1, cfg.model, str(sd.path)),
         {"extra_data": [synth["shards_dir"]], "data_root": str(ctx.root)},
         resources=cfg.stage1.resources, params=_section(cfg, "stage1"))
@@ -144,7 +147,7 @@ def stage1(ctx: Context, synth: dict | None) -> dict | None:
 
 def filtering(ctx: Context, synth: dict | None, s1: dict | None) -> dict | None:
     cfg = ctx.cfg
-    if not cfg.filter.enabled or synth is None:
+    if not cfg.filter.enabled or synth is None or synth["n_accepted"] == 0:
         return None
     from tasks.stages import filter_stage
 
@@ -153,8 +156,8 @@ def filtering(ctx: Context, synth: dict | None, s1: dict | None) -> dict | None:
         embedder = cfg.model.backbone
     key = stage_key("filter", filter=cfg.filter, synth=synth["key"], embedder=s1["key"] if s1 and not
                     cfg.filter.embedder else embedder, model=cfg.model)
-    sd = stage_dir(ctx.datasets, "filtered", key)
-    return run_stage.with_options(name="filtering")(
+    sd = stage_dir(ctx.datasets, "filter", key, folder="filtered")
+    return run_stage.with_options(name=sd.name)(
         ctx, sd, filter_stage, (cfg.filter, synth["shards_dir"], str(sd.path)),
         {"embedder": embedder, "ray_address": cfg.infra.ray_address, "project_root": str(ctx.root),
          "dvc_remote": cfg.infra.dvc_remote},
@@ -169,7 +172,7 @@ def stage2(ctx: Context, s1: dict | None, filtered: dict | None) -> dict | None:
     key = stage_key("stage2", train=cfg.stage2, model=cfg.model, init=s1["key"] if s1 else None,
                     filtered=filtered["key"] if filtered else None, data=ctx.data_md5)
     sd = stage_dir(ctx.artifacts, "stage2", key)
-    return run_stage.with_options(name="stage2-sft")(
+    return run_stage.with_options(name=sd.name)(
         ctx, sd, train_stage, (cfg.stage2, cfg.model, str(sd.path)),
         {"init": s1["final"] if s1 else None, "extra_data": extra, "data_root": str(ctx.root)},
         resources=cfg.stage2.resources, params=_section(cfg, "stage2"))
@@ -184,7 +187,7 @@ def merging(ctx: Context, trained: dict | None, merge_cfg, name: str, base: str 
         return None
     key = stage_key(name, merge=merge_cfg, trained=trained["key"], base=base)
     sd = stage_dir(ctx.artifacts, name, key)
-    return run_stage.with_options(name=name)(
+    return run_stage.with_options(name=sd.name)(
         ctx, sd, merge_stage, (ckpts, str(sd.path)),
         {"weights": merge_cfg.weights, "base": base if merge_cfg.method == "task_slerp" else None},
         params={f"{name}.{k}": v for k, v in merge_cfg.model_dump(mode="json").items()})
@@ -198,7 +201,7 @@ def reranker(ctx: Context, filtered: dict | None) -> dict | None:
     key = stage_key("reranker", train=cfg.reranker, model=cfg.reranker_backbone,
                     filtered=filtered["key"] if filtered else None, data=ctx.data_md5)
     sd = stage_dir(ctx.artifacts, "reranker", key)
-    return run_stage.with_options(name="reranker-sft")(
+    return run_stage.with_options(name=sd.name)(
         ctx, sd, train_stage, (cfg.reranker, cfg.reranker_backbone, str(sd.path)),
         {"extra_data": extra, "data_root": str(ctx.root)},
         resources=cfg.reranker.resources, params=_section(cfg, "reranker"))
@@ -211,7 +214,7 @@ def evaluation(ctx: Context, name: str, model: str, model_key: str, reranker_mod
     cfg = ctx.cfg
     key = stage_key("eval", eval=cfg.eval, model=model_key, reranker=reranker_key, data=ctx.data_md5)
     sd = stage_dir(ctx.artifacts, f"eval-{name}", key)
-    return run_stage.with_options(name=f"eval-{name}")(
+    return run_stage.with_options(name=sd.name)(
         ctx, sd, eval_stage, (model, cfg.eval, str(sd.path)),
         {"reranker": reranker_model, "data_root": str(ctx.root), "label": name},
         resources=cfg.eval.resources, params={"model": model, **_section(cfg, "eval")})

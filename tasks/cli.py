@@ -196,6 +196,90 @@ def eval_cmd(
         typer.echo(f"{name:{width}s}  main score {scores['main_score']:.4f}")
 
 
+@app.command("synth")
+def synth_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="output folder: shard-*.jsonl, rejected/, stats.json; "
+                                                      "rerunning it generates only the missing shards"),
+    passages: Optional[List[Path]] = typer.Option(None, "--passages", help="passage JSONL (BEIR corpus.jsonl or "
+                                                  "records with text/passage); repeatable; replaces synth.passages"),
+    personas: Optional[Path] = typer.Option(None, "--personas", help="persona file, one per line "
+                                            "(default synth.personas)"),
+    num_passages: Optional[int] = typer.Option(None, "--num-passages", "-n", help="use the first N passages"),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Ray actors, each loading the generator once"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (default "
+                                              "infra.ray_address, then $RAY_ADDRESS, else a local instance)"),
+    preset: str = PresetOpt, files: Optional[List[Path]] = ConfigOpt,
+    overrides: Optional[List[str]] = OverridesArg,
+) -> None:
+    """Synthesise training pairs with an LLM (paper §3.3, A.1): retrieval (persona configuration, then
+    query generation), bitext, STS and classification, mixed by synth.kinds.
+
+    Example: q3e synth -o runs/synth -n 16 --passages ../shared/data/passages/en-nq-msmarco.jsonl
+    --personas ../shared/data/personas/personahub-5k.txt synth.generator.max_new_tokens=64
+    """
+    from pydantic import ValidationError
+
+    from tasks.config import SynthConfig
+    from tasks.data import DataError
+    from tasks.generate import GeneratorError
+    from tasks.models import ModelLoadError
+    from tasks.synthesize import synthesize
+
+    _setup_logging()
+    cfg = _config(preset, overrides, files)
+    update = {k: v for k, v in {"passages": [str(p) for p in passages] if passages else None,
+                                "personas": str(personas) if personas else None,
+                                "num_passages": num_passages, "workers": workers}.items() if v is not None}
+    try:
+        scfg = SynthConfig.model_validate(cfg.synth.model_dump() | update)
+        res = synthesize(scfg, out, ray_address=ray_address or cfg.infra.ray_address, progress=True,
+                         num_cpus=cfg.infra.ray_num_cpus)
+    except (ValidationError, DataError, ModelLoadError, GeneratorError, ValueError, FileNotFoundError) as e:
+        raise _fail(e) from None
+    typer.echo(f"{res.stats['accepted']} pairs accepted, {res.stats['rejected']} rejected, "
+               f"{len(res.shards)} shards -> {out} (stats.json, rejected/)")
+
+
+@app.command("filter")
+def filter_cmd(
+    pairs: Path = typer.Argument(..., help="folder of synthetic shards (the --out of q3e synth)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder: kept shard-*.jsonl, dropped/, report.json, "
+                                                      "scores.png; rerunning it scores only the missing shards"),
+    embedder: Optional[str] = typer.Option(None, "--embedder", "-e", help="scoring model: a saved model folder (the "
+                                           "stage-1 model), micro, bundled:smollm2, bundled:all-minilm-l6-v2 or a "
+                                           "sentence-transformers folder (default filter.embedder)"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="keep pairs with cosine > this "
+                                              "(default filter.threshold, 0.7)"),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Ray actors, each loading the model once"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (default "
+                                              "infra.ray_address, then $RAY_ADDRESS, else a local instance)"),
+    preset: str = PresetOpt, files: Optional[List[Path]] = ConfigOpt,
+    overrides: Optional[List[str]] = OverridesArg,
+) -> None:
+    """Filter synthetic pairs (paper §3.3): keep those whose cos(query with its instruction, document)
+    under the scoring model is above the threshold."""
+    from pydantic import ValidationError
+
+    from tasks.config import FilterConfig
+    from tasks.data import DataError
+    from tasks.filter import filter_pairs
+    from tasks.models import ModelLoadError
+
+    _setup_logging()
+    cfg = _config(preset, overrides, files)
+    update = {k: v for k, v in {"threshold": threshold, "workers": workers}.items() if v is not None}
+    try:
+        fcfg = FilterConfig.model_validate(cfg.filter.model_dump() | update)
+        res = filter_pairs(fcfg, pairs, out, embedder=embedder or fcfg.embedder,
+                           ray_address=ray_address or cfg.infra.ray_address, progress=True,
+                           num_cpus=cfg.infra.ray_num_cpus)
+    except (ValidationError, DataError, ModelLoadError, ValueError, FileNotFoundError) as e:
+        raise _fail(e) from None
+    r = res.report
+    typer.echo(f"kept {r['kept']} of {r['total']} pairs (cos > {r['threshold']:g}) -> {out} "
+               f"(report.json, {res.histogram.name})")
+
+
 # --- commands of the other stages are registered below (synth, filter, eval, run, ...) ---
 
 

@@ -269,13 +269,13 @@ def load_source(src: DataSource, root: str | Path | None = None, *, skip_bad_lin
     path = resolve_path(src.path, root)
     fmt = src.format
     if fmt == "auto":
-        fmt = "beir" if path.is_dir() else "pairs"
+        fmt = "beir" if is_beir(path) else "pairs"
     if fmt == "beir":
         pairs = pairs_from_beir(load_beir(path, src.split, skip_bad_lines=skip_bad_lines),
                                 instruction=src.instruction, symmetric=src.symmetric)
         return pairs[: src.limit] if src.limit else pairs
-    if path.is_dir():  # a folder of JSONL shards (synthesis output)
-        files = sorted(path.glob("*.jsonl"))
+    if path.is_dir():  # a folder of JSONL shards (synthesis / filtering output)
+        files = sorted(path.glob("shard-*.jsonl")) or sorted(path.glob("*.jsonl"))
         if not files:
             raise DataError(f"{path}: folder has no *.jsonl files")
     else:

@@ -241,7 +241,8 @@ class MtebEmbedder(AbsEncoder):
         self.show_progress = show_progress
         self.encode_calls = 0  # model forward passes actually run (cache misses)
         if self.is_st:
-            hidden = model.get_sentence_embedding_dimension()
+            get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+            hidden = get_dim()
             n_params, max_tokens = sum(p.numel() for p in model.parameters()), model.max_seq_length
         else:
             hidden = model.hidden_size
@@ -799,10 +800,12 @@ def evaluate_model(
     cfg = eval_cfg or EvalConfig(task_dirs=[])
     if tasks is None and task_dirs is None and sts is None and pairclf is None and benchmark is None:
         tasks, task_dirs, benchmark = cfg.tasks, cfg.task_dirs, cfg.benchmark
+        sts, pairclf = getattr(cfg, "sts", None), getattr(cfg, "pairclf", None)
     batch_size = batch_size or cfg.batch_size
     rerank_top_k = rerank_top_k or cfg.rerank_top_k
     max_queries = max_queries if max_queries is not None else cfg.max_queries
     max_corpus = max_corpus if max_corpus is not None else cfg.max_corpus
+    max_pairs = max_pairs if max_pairs is not None else getattr(cfg, "max_pairs", None)
 
     task_list = build_tasks(tasks=tasks, task_dirs=task_dirs, sts=sts, pairclf=pairclf, benchmark=benchmark,
                             max_queries=max_queries, max_corpus=max_corpus, max_pairs=max_pairs, seed=seed)

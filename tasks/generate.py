@@ -81,7 +81,8 @@ class TransformersGenerator:
     call, so the same prompts + seed + batch size give the same completions on the same machine."""
 
     def __init__(self, model: str = "bundled:smollm2", *, batch_size: int = 8, top_p: float = 0.95,
-                 dtype: str = "auto", device: str | None = None, max_input_tokens: int = 4096):
+                 dtype: str = "auto", device: str | None = None, max_input_tokens: int = 4096,
+                 min_prefix_tokens: int = 32):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -92,6 +93,8 @@ class TransformersGenerator:
         self.batch_size = batch_size
         self.top_p = top_p
         self.max_input_tokens = max_input_tokens
+        self.min_prefix_tokens = min_prefix_tokens  # shorter shared prefixes are not worth caching
+        self._prefix = None  # (token ids, DynamicCache) of the last shared prompt prefix
         self.device = torch.device(device) if device else default_device()
         path = resolve_backbone(ModelConfig(backbone=model))
         try:
@@ -107,6 +110,10 @@ class TransformersGenerator:
         self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        import inspect
+
+        # transformers >= 5.24 renamed `past_key_values` to `cache`
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         stops = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
         self.stop_ids = sorted(i for i in stops if isinstance(i, int) and i >= 0 and i != self.tokenizer.unk_token_id)
 
@@ -116,17 +123,19 @@ class TransformersGenerator:
     def generate(self, prompts: list[Messages], *, seed: int, temperature: float,
                  max_new_tokens: int) -> list[str]:
         import torch
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, StoppingCriteriaList
 
         from tasks.models import batch_by_length
-
-        from transformers import StoppingCriteriaList
 
         prefills = [prefill_of(m) for m in prompts]
         texts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=not p,
                                                     continue_final_message=bool(p))
                  for m, p in zip(prompts, prefills)]
-        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_input_tokens,
+        limit = self.max_input_tokens
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context:  # leave room for the answer inside the model's context
+            limit = max(16, min(limit, context - max_new_tokens))
+        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=limit,
                              return_attention_mask=False)["input_ids"]
         sample = temperature > 0
         gen_cfg = GenerationConfig(
@@ -136,16 +145,62 @@ class TransformersGenerator:
         torch.manual_seed(seed)
         with torch.inference_mode():
             for batch in batch_by_length([len(x) for x in ids], self.batch_size):
-                enc = self.tokenizer.pad({"input_ids": [ids[i] for i in batch]}, padding=True, return_tensors="pt")
-                enc = {k: v.to(self.device) for k, v in enc.items()}
-                start = enc["input_ids"].shape[1]
+                input_ids, mask, cache = self._batch([ids[i] for i in batch])
+                start = input_ids.shape[1]
                 stop = None
                 if any(prefills[i].lstrip().startswith("{") for i in batch):
                     stop = StoppingCriteriaList([_json_stop(self.tokenizer, [prefills[i] for i in batch], start)])
-                gen = self.model.generate(**enc, generation_config=gen_cfg, stopping_criteria=stop)
+                kw = {self._cache_kw: cache} if cache is not None else {}
+                gen = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen_cfg,
+                                          stopping_criteria=stop, **kw)
                 for i, row in zip(batch, self.tokenizer.batch_decode(gen[:, start:], skip_special_tokens=True)):
                     out[i] = (prefills[i] + row).strip()
         return out
+
+    def _batch(self, rows: list[list[int]]):
+        """(input_ids, attention_mask, past_key_values) of a batch. Prompts built from one template
+        share a long token prefix (the instructions and examples): its keys/values are computed once
+        and reused, and each row is laid out as prefix + padding + own suffix (positions come from the
+        mask, so the padding is invisible). On a CPU this cuts the prompt cost several times."""
+        import copy
+
+        import torch
+
+        pad = self.tokenizer.pad_token_id
+        n = _common_prefix(rows)
+        n = min(n, min(len(r) for r in rows) - 1)  # every row keeps a token of its own to feed
+        if n < self.min_prefix_tokens:
+            width = max(len(r) for r in rows)
+            ids = [[pad] * (width - len(r)) + r for r in rows]
+            mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+            cache = None
+        else:
+            prefix = tuple(rows[0][:n])
+            if self._prefix is None or self._prefix[0] != prefix:
+                from transformers import DynamicCache
+
+                kv = DynamicCache(config=self.model.config)
+                self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True,
+                           **{self._cache_kw: kv})
+                self._prefix = (prefix, kv)
+            cache = copy.deepcopy(self._prefix[1])
+            cache.batch_repeat_interleave(len(rows))
+            tails = [r[n:] for r in rows]
+            width = max(len(t) for t in tails)
+            ids = [list(prefix) + [pad] * (width - len(t)) + t for t in tails]
+            mask = [[1] * n + [0] * (width - len(t)) + [1] * len(t) for t in tails]
+        return (torch.tensor(ids, device=self.device), torch.tensor(mask, device=self.device), cache)
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    first = rows[0]
+    n = min(len(r) for r in rows)
+    for r in rows[1:]:
+        i = 0
+        while i < n and r[i] == first[i]:
+            i += 1
+        n = i
+    return n
 
 
 def prefill_of(messages: Messages) -> str:

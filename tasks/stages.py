@@ -65,8 +65,9 @@ class StageDir:
         return result
 
 
-def stage_dir(base: Path, name: str, key: str) -> StageDir:
-    return StageDir(name, key, base / name / key)
+def stage_dir(base: Path, name: str, key: str, folder: str | None = None) -> StageDir:
+    """The folder of stage `name` for `key`: `base/<folder or name>/<key>`."""
+    return StageDir(name, key, base / (folder or name) / key)
 
 
 # ----------------------------------------------------------------------------- entry points (run on Ray)
@@ -124,3 +125,47 @@ def eval_stage(model: str, cfg, out_dir: str, *, reranker: str | None = None, da
     atomic_write_text(table, "\n".join(rows) + "\n")
     return {"results": results, "results_json": str(out), "table": str(table), "label": label,
             "metrics": {"eval": results}}
+
+
+def synth_stage(cfg, out_dir: str, *, data_root: str | None = None, ray_address: str | None = None,
+                project_root: str | None = None, dvc_remote: str | None = None) -> dict:
+    """Synthesis into a DVC-tracked data set folder; returns its shard folder and DVC version."""
+    from tasks.lineage import track_dataset
+    from tasks.synthesize import synthesize
+
+    res = synthesize(cfg, out_dir, data_root=data_root, ray_address=ray_address, progress=True)
+    stats_path = Path(out_dir) / "stats.json"
+    out = {"shards_dir": str(res.out_dir), "n_accepted": int(res.stats.get("accepted", 0)),
+           "stats": str(stats_path), "metrics": {"synth": _numbers(res.stats)}}
+    if project_root:
+        out["dvc_synthetic_md5"] = track_dataset(project_root, out_dir, dvc_remote)
+    return out
+
+
+def filter_stage(cfg, pairs_dir: str, out_dir: str, *, embedder: str, ray_address: str | None = None,
+                 project_root: str | None = None, dvc_remote: str | None = None) -> dict:
+    from tasks.filter import filter_pairs
+    from tasks.lineage import track_dataset
+
+    res = filter_pairs(cfg, pairs_dir, out_dir, embedder=embedder, ray_address=ray_address, progress=True)
+    out = {"kept_dir": str(res.out_dir), "n_kept": int(res.report.get("kept", 0)),
+           "report": str(Path(out_dir) / "report.json"), "histogram": str(res.histogram),
+           "metrics": {"filter": _numbers(res.report)}}
+    if project_root:
+        out["dvc_filtered_md5"] = track_dataset(project_root, out_dir, dvc_remote)
+    return out
+
+
+def _numbers(d: dict, depth: int = 2) -> dict:
+    """The numeric leaves of a stats/report dict (for MLflow metrics)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)):
+            out[k] = v
+        elif isinstance(v, dict) and depth > 0:
+            sub = _numbers(v, depth - 1)
+            if sub:
+                out[k] = sub
+    return out

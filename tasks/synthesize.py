@@ -120,6 +120,13 @@ def _options(options: dict[str, str]) -> str:
     return "\n".join(f"- {k}: {v}" for k, v in options.items())
 
 
+def _example_texts() -> set[str]:
+    """Normalised texts of the templates' example outputs: an answer that repeats one is a copy."""
+    outs = [QUERY_EXAMPLE[-1]["Query"], "Le musée est fermé le lundi.", "On the stage, a guy plays the guitar.",
+            "A man is playing a guitar on the stage.", "The museum is closed on Mondays.", *_EXAMPLE_PASSAGES]
+    return {_norm_text(t) for t in outs}
+
+
 def _configuration_example(i: int) -> str:
     passage, candidates, output = CONFIGURATION_EXAMPLES[i]
     return (f"<Example{i + 1}>\n**Passage**:\n{passage}\n**Character**:\n{_characters(candidates)}\n"
@@ -466,6 +473,8 @@ def check_text(text: Any, source: str, *, language: str, what: str = "query", le
     if norm in {"query", "your query", "translation", "sentence", "label", "text"} or "**" in text \
             or re.search(r"\{(query|passage|character|type)\}", text, re.I):
         raise Reject("template_echo", text[:60])
+    if norm in _example_texts():
+        raise Reject("copied_example", text[:60])
     src = _norm_text(source)
     words = count_words(text)
     if norm == src or (norm in src and words >= 6) or (src and src in norm):
@@ -982,13 +991,12 @@ def synthesize(cfg: SynthConfig, out_dir: str | Path, *, data_root: str | Path |
     retrieval = [pl for pl in todo_plans if pl.kind == "retrieval"]
     if retrieval:
         personas = load_personas(persona_path)
-        encoder = load_encoder(cfg.persona_retriever, device="cpu")
+        encoder = _persona_encoder(cfg.persona_retriever)
         cache = _persona_cache(persona_path, cfg.persona_retriever)
         tops = retrieve_personas([truncate_words(pl.passage.text, cfg.max_passage_words) for pl in retrieval],
                                  personas, encoder, top_k=cfg.top_personas, cache=cache)
         for pl, top in zip(retrieval, tops):
             pl.personas = top
-        del encoder
 
     gen_seconds = 0.0
 
@@ -1022,6 +1030,12 @@ def synthesize(cfg: SynthConfig, out_dir: str | Path, *, data_root: str | Path |
     if progress:
         print_summary(stats, title=f"synthesis -> {out_dir}")
     return SynthResult(out_dir, [out_dir / shard_name(i) for i in range(n_shards)], stats)
+
+
+@functools.lru_cache(maxsize=1)
+def _persona_encoder(spec: str):
+    """The persona retriever, kept for the next call in the same process (pipelines, tests)."""
+    return load_encoder(spec, device="cpu")
 
 
 def _persona_cache(persona_path: Path, retriever: str) -> Path:

@@ -42,3 +42,32 @@ def micro_reranker(micro_cfg):
     from tasks.models import Reranker
 
     return Reranker.load(micro_cfg.model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole session (ray.init takes seconds; shut down at the end)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20,
+                 runtime_env={"env_vars": {k: os.environ[k] for k in ("Q3E_CACHE_DIR", "HF_HUB_OFFLINE")
+                                           if k in os.environ}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect API server for every flow of the session (instead of one temporary server per flow)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,230 @@
+"""Filtering of synthetic pairs (paper §3.3): keep a pair when cos(query, document) > threshold.
+
+The query is encoded as a query, with its pair's instruction (SPEC 1: `Instruct: ...\\nQuery:...`);
+the document as a document (symmetric tasks, STS and bitext, put the instruction on both sides).
+The scoring model is configurable; in the pipeline it is the stage-1 model (paper: pairs with
+cosine > 0.7 survive, ~12M of ~150M).
+
+Layout of `out_dir` (one output shard per input shard, written atomically, reruns skip done shards):
+  shard-00000.jsonl ...          kept pairs, unchanged but for `meta.filter_score`
+  dropped/dropped-00000.jsonl    the other pairs, with their score (a subfolder: trainers read *.jsonl)
+  report.json                    kept fraction overall / per task kind / per language, score quantiles
+  scores.png                     histogram of the scores per task kind with the threshold line
+  manifest.json                  scorer, threshold and input shard hashes; other settings are refused
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from tasks.config import FilterConfig, ModelConfig
+from tasks.data import DataError, atomic_write_text, iter_jsonl, write_jsonl
+from tasks.synthesize import encoder_id, load_encoder, ray_session, run_on_actors
+
+HISTOGRAM = "scores.png"
+
+
+def score_pairs(encoder, records: Sequence[dict[str, Any]], *, batch_size: int = 32) -> np.ndarray:
+    """cos(query, document) of each ms-swift record (`query`, `response`, `instruction`?, `symmetric`?).
+    Texts are grouped by instruction so each group is one batched, length-sorted `encode` call."""
+    n = len(records)
+    q = np.zeros((n, 0), dtype=np.float32)
+    d = q
+    groups: dict[tuple[str | None, bool], list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[(r.get("instruction") or None, bool(r.get("symmetric")))].append(i)
+    for (instruction, symmetric), idx in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        qe = encoder.encode([records[i]["query"] for i in idx], instruction=instruction, is_query=True,
+                            batch_size=batch_size)
+        de = encoder.encode([records[i]["response"] for i in idx], instruction=instruction if symmetric else None,
+                            is_query=False, batch_size=batch_size)
+        if q.shape[1] == 0:
+            q = np.zeros((n, qe.shape[1]), dtype=np.float32)
+            d = np.zeros((n, de.shape[1]), dtype=np.float32)
+        q[idx], d[idx] = qe, de
+    return (q * d).sum(axis=1) if n else np.zeros(0, dtype=np.float32)
+
+
+class FilterWorker:
+    """A Ray actor: loads the scoring model once, then scores shard after shard."""
+
+    def __init__(self, spec: Any, batch_size: int, num_threads: int = 1):
+        import torch
+
+        torch.set_num_threads(max(1, num_threads))
+        self.encoder = load_encoder(spec)
+        self.batch_size = batch_size
+
+    def score(self, records: list[dict[str, Any]]) -> list[float]:
+        return [float(s) for s in score_pairs(self.encoder, records, batch_size=self.batch_size)]
+
+
+@dataclass
+class FilterResult:
+    out_dir: Path
+    shards: list[Path]
+    report: dict[str, Any]
+    histogram: Path
+
+
+def _read_shard(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for lineno, obj in iter_jsonl(path):
+        for key in ("query", "response"):
+            if not isinstance(obj.get(key), str) or not obj[key].strip():
+                raise DataError(f"{path}:{lineno}: missing or empty field {key!r}")
+        records.append(obj)
+    return records
+
+
+def _sha_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def filter_pairs(cfg: FilterConfig, pairs_dir: str | Path, out_dir: str | Path, *,
+                 embedder: str | Path | ModelConfig | None, ray_address: str | None = None,
+                 progress: bool = True, num_cpus: int | None = None) -> FilterResult:
+    """Score every pair of `pairs_dir/shard-*.jsonl` with `embedder` (default `cfg.embedder`) on
+    Ray actors and keep those with score > `cfg.threshold`."""
+    t0 = time.perf_counter()
+    spec = embedder if embedder is not None else cfg.embedder
+    if spec is None:
+        raise ValueError("filter: no scoring model: pass embedder= or set filter.embedder")
+    pairs_dir, out_dir = Path(pairs_dir), Path(out_dir)
+    inputs = sorted(pairs_dir.glob("shard-*.jsonl"))
+    if not inputs:
+        raise DataError(f"{pairs_dir}: no shard-*.jsonl files to filter")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"embedder": encoder_id(spec), "threshold": cfg.threshold}
+    hashes = {p.name: _sha_file(p) for p in inputs}
+    _check_manifest(out_dir, settings, hashes)
+    missing = [p for p in inputs if not (out_dir / p.name).is_file()]
+
+    def write(path: Path, scores: list[float]) -> None:
+        records = _read_shard(path)
+        kept, dropped = [], []
+        for rec, s in zip(records, scores):
+            rec = dict(rec, meta=dict(rec.get("meta") or {}, filter_score=s))
+            (kept if s > cfg.threshold else dropped).append(rec)
+        write_jsonl(out_dir / "dropped" / f"dropped-{path.name.removeprefix('shard-')}", dropped)
+        write_jsonl(out_dir / path.name, kept)  # last: its presence marks the shard done
+
+    tasks = [(p, "score", (_read_shard(p),)) for p in missing]
+    if tasks:
+        with ray_session(ray_address, num_cpus=num_cpus or max(1, round(cfg.workers * cfg.cpus_per_worker))):
+            run_on_actors(FilterWorker, (spec, cfg.batch_size, max(1, round(cfg.cpus_per_worker))), tasks,
+                          workers=cfg.workers, num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
+                          on_result=write, progress=progress, desc="filter", total=len(inputs))
+    report = filter_report(out_dir, [p.name for p in inputs], cfg.threshold, settings["embedder"])
+    hist = out_dir / HISTOGRAM
+    plot_histogram(out_dir, [p.name for p in inputs], cfg.threshold, hist)
+    report["histogram"] = hist.name
+    report["run"] = {"workers": cfg.workers, "shards_scored": len(missing), "shards_reused": len(inputs) - len(missing),
+                     "seconds": round(time.perf_counter() - t0, 2)}
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if progress:
+        print_report(report, title=f"filter -> {out_dir}")
+    return FilterResult(out_dir, [out_dir / p.name for p in inputs], report, hist)
+
+
+def _check_manifest(out_dir: Path, settings: dict[str, Any], hashes: dict[str, str]) -> None:
+    path = out_dir / "manifest.json"
+    old = json.loads(path.read_text()) if path.is_file() else {"settings": settings, "inputs": {}}
+    if old["settings"] != settings:
+        raise ValueError(f"{out_dir}: filtered with other settings ({old['settings']} vs {settings}); "
+                         f"use a new output folder or delete this one")
+    changed = [n for n, h in hashes.items() if n in old["inputs"] and old["inputs"][n] != h
+               and (out_dir / n).is_file()]
+    if changed:
+        raise ValueError(f"{out_dir}: input shards changed since they were filtered: {', '.join(changed)}")
+    atomic_write_text(path, json.dumps({"settings": settings, "inputs": old["inputs"] | hashes}, indent=2) + "\n")
+
+
+def _scored(out_dir: Path, names: Sequence[str]) -> list[tuple[dict[str, Any], bool]]:
+    rows = []
+    for name in names:
+        rows += [(r.get("meta") or {}, True) for _, r in iter_jsonl(out_dir / name)]
+        rows += [(r.get("meta") or {}, False)
+                 for _, r in iter_jsonl(out_dir / "dropped" / f"dropped-{name.removeprefix('shard-')}")]
+    return rows
+
+
+def filter_report(out_dir: Path, names: Sequence[str], threshold: float, embedder: str) -> dict[str, Any]:
+    rows = _scored(out_dir, names)
+    scores = np.array([m["filter_score"] for m, _ in rows], dtype=np.float64)
+
+    def group(key: str) -> dict[str, dict[str, Any]]:
+        g: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for m, kept in rows:
+            c = g[str(m.get(key, "unknown"))]
+            c[0] += 1
+            c[1] += kept
+        return {k: {"total": t, "kept": n, "kept_fraction": round(n / t, 4)} for k, (t, n) in sorted(g.items())}
+
+    kept = sum(k for _, k in rows)
+    qs = {"min": 0.0, "p05": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "max": 1.0}
+    return {
+        "embedder": embedder, "threshold": threshold, "total": len(rows), "kept": kept,
+        "kept_fraction": round(kept / len(rows), 4) if rows else 0.0,
+        "by_task": group("task"), "by_language": group("language"),
+        "score_quantiles": ({k: round(float(np.quantile(scores, q)), 4) for k, q in qs.items()}
+                            | {"mean": round(float(scores.mean()), 4)}) if len(scores) else {},
+    }
+
+
+def plot_histogram(out_dir: Path, names: Sequence[str], threshold: float, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for m, _ in _scored(out_dir, names):
+        by_task[str(m.get("task", "unknown"))].append(m["filter_score"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    all_scores = [s for v in by_task.values() for s in v]
+    if all_scores:
+        lo = min(min(all_scores), threshold) - 0.05
+        hi = max(max(all_scores), threshold) + 0.05
+        tasks = sorted(by_task)
+        ax.hist([by_task[t] for t in tasks], bins=np.linspace(lo, hi, 41), stacked=True, label=tasks)
+        ax.legend(title="task")
+    ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:g}")
+    kept = sum(s > threshold for s in all_scores)
+    ax.set_title(f"cos(query, document): {kept}/{len(all_scores)} kept (> {threshold:g})")
+    ax.set_xlabel("cosine similarity")
+    ax.set_ylabel("pairs")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def print_report(report: dict[str, Any], *, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    t.add_column("group")
+    t.add_column("kept / total", justify="right")
+    t.add_column("kept", justify="right")
+    t.add_row("all", f"{report['kept']} / {report['total']}", f"{100 * report['kept_fraction']:.1f}%")
+    for name in ("by_task", "by_language"):
+        for k, c in report[name].items():
+            t.add_row(f"{name[3:]}: {k}", f"{c['kept']} / {c['total']}", f"{100 * c['kept_fraction']:.1f}%")
+    q = report.get("score_quantiles") or {}
+    if q:
+        t.add_row("score p05 / p50 / p95", "", f"{q['p05']:.3f} / {q['p50']:.3f} / {q['p95']:.3f}")
+    t.add_row("threshold", "", f"{report['threshold']:g}")
+    Console().print(t)

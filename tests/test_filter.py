@@ -1,0 +1,131 @@
+"""Filtering (paper §3.3): cos(query with its instruction, document) > threshold, on Ray actors.
+Scores are checked by recomputing them one text at a time with `Embedder.encode`."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.config import FilterConfig
+from tasks.data import write_jsonl
+from tasks.filter import filter_pairs, score_pairs
+from tasks.synthesize import INSTRUCTIONS
+
+EXAMPLES = "flagembedding-examples"
+
+
+def _records(shared_data: Path) -> list[dict]:
+    """Real pairs in the synthesis output format: retrieval (query, positive) and (query, hard
+    negative) from MS MARCO / NQ, and symmetric STS pairs from STS-B."""
+    recs = []
+    for name, lang in (("embedder__retrieval__msmarco.jsonl", "English"), ("embedder__retrieval__nq.jsonl", "English")):
+        for line in (shared_data / EXAMPLES / name).read_text().splitlines()[:6]:
+            row = json.loads(line)
+            for doc in (row["pos"][0], row["neg"][0]):
+                recs.append({"query": row["query"], "response": doc, "rejected_response": [],
+                             "instruction": INSTRUCTIONS["retrieval"],
+                             "meta": {"task": "retrieval", "language": lang, "passage_id": f"{name}:{len(recs)}"}})
+    rows = (shared_data / "sts-en" / "stsbenchmark-train-dev.tsv").read_text().splitlines()[1:9]
+    for row in rows:
+        cols = row.split("\t")
+        recs.append({"query": cols[6], "response": cols[7], "rejected_response": [], "instruction":
+                     INSTRUCTIONS["sts"], "symmetric": True,
+                     "meta": {"task": "sts", "language": "English", "passage_id": f"sts:{cols[4]}"}})
+    recs.append({"query": "Das Wetter ist heute schön.", "response": "The weather is nice today.",
+                 "rejected_response": [], "meta": {"task": "bitext", "language": "German"}})  # no instruction
+    return recs
+
+
+@pytest.fixture
+def pairs_dir(shared_data, tmp_path) -> Path:
+    recs = _records(shared_data)
+    d = tmp_path / "pairs"
+    write_jsonl(d / "shard-00000.jsonl", recs[:16])
+    write_jsonl(d / "shard-00001.jsonl", recs[16:])
+    write_jsonl(d / "rejected" / "rejected-00000.jsonl", [{"reason": "not a pair"}])  # must be ignored
+    return d
+
+
+def _recompute(embedder, rec: dict) -> float:
+    ins = rec.get("instruction")
+    q = embedder.encode([rec["query"]], instruction=ins, is_query=True)
+    d = embedder.encode([rec["response"]], instruction=ins if rec.get("symmetric") else None)
+    return float(q[0] @ d[0])
+
+
+def test_filter_keeps_exactly_the_pairs_above_threshold(ray_session, micro_cfg, micro_embedder, pairs_dir,
+                                                        tmp_path):
+    recs = [json.loads(line) for f in sorted(pairs_dir.glob("shard-*.jsonl")) for line in f.read_text().splitlines()]
+    expected = np.array([_recompute(micro_embedder, r) for r in recs])
+    s = np.sort(expected)
+    mid = len(s) // 2
+    threshold = float((s[mid - 1] + s[mid]) / 2)  # halfway between two scores: no ties at the boundary
+    assert s[mid] - s[mid - 1] > 1e-4
+
+    cfg = FilterConfig(threshold=threshold, workers=2, batch_size=4)
+    res = filter_pairs(cfg, pairs_dir, tmp_path / "filtered", embedder=micro_cfg.model, progress=False)
+
+    kept = [json.loads(line) for f in res.shards for line in f.read_text().splitlines()]
+    dropped = [json.loads(line) for f in sorted((tmp_path / "filtered" / "dropped").glob("*.jsonl"))
+               for line in f.read_text().splitlines()]
+    assert len(kept) + len(dropped) == len(recs)
+    by_key = {(r["query"], r["response"]): r for r in kept + dropped}
+    for rec, score in zip(recs, expected):
+        got = by_key[(rec["query"], rec["response"])]
+        assert got["meta"]["filter_score"] == pytest.approx(score, abs=1e-4)
+        assert (got in kept) == (score > threshold)
+        assert {k: v for k, v in got.items() if k != "meta"} == {k: v for k, v in rec.items() if k != "meta"}
+        assert {k: v for k, v in got["meta"].items() if k != "filter_score"} == rec["meta"]
+    assert [p.name for p in res.shards] == ["shard-00000.jsonl", "shard-00001.jsonl"]
+
+    report = json.loads((tmp_path / "filtered" / "report.json").read_text())
+    assert report["total"] == len(recs) and report["kept"] == int((expected > threshold).sum()) == len(kept)
+    assert report["kept_fraction"] == pytest.approx(len(kept) / len(recs), abs=1e-4)
+    assert report["by_task"]["sts"]["total"] == 8 and report["by_language"]["German"]["total"] == 1
+    assert sum(v["kept"] for v in report["by_task"].values()) == len(kept)
+    assert report["score_quantiles"]["p50"] == pytest.approx(float(np.median(expected)), abs=1e-3)
+    assert report["score_quantiles"]["min"] == pytest.approx(s[0], abs=1e-4)
+    assert res.histogram.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and res.histogram.stat().st_size > 5000
+
+    # resume: a lost shard is rescored to the same bytes; other settings in the same folder are refused
+    out = tmp_path / "filtered"
+    first = (out / "shard-00001.jsonl").read_bytes()
+    (out / "shard-00001.jsonl").unlink()
+    again = filter_pairs(cfg, pairs_dir, out, embedder=micro_cfg.model, progress=False)
+    assert (out / "shard-00001.jsonl").read_bytes() == first and again.report["run"]["shards_scored"] == 1
+    with pytest.raises(ValueError, match="other settings"):
+        filter_pairs(cfg.model_copy(update={"threshold": 0.5}), pairs_dir, out, embedder=micro_cfg.model,
+                     progress=False)
+
+
+def test_sentence_transformer_scorer_ranks_positives_above_negatives(shared_data):
+    from tasks.synthesize import load_encoder
+
+    recs = [r for r in _records(shared_data) if r["meta"]["task"] == "retrieval"]
+    scores = score_pairs(load_encoder("bundled:all-minilm-l6-v2"), recs, batch_size=8)
+    pos, neg = scores[0::2], scores[1::2]  # (query, positive), (query, hard negative) alternate
+    assert np.all(np.abs(scores) <= 1 + 1e-5) and pos.mean() > neg.mean()
+
+
+def test_filter_cli_reuses_finished_shards(ray_session, pairs_dir, tmp_path, micro_cfg):
+    from typer.testing import CliRunner
+
+    from tasks.cli import app
+
+    out = tmp_path / "cli"
+    args = ["filter", str(pairs_dir), "--out", str(out), "--embedder", "micro", "--threshold", "0.2",
+            "--preset", "micro"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "kept" in first.output and (out / "report.json").is_file() and (out / "scores.png").is_file()
+    snapshot = {p.name: p.read_bytes() for p in out.glob("shard-*.jsonl")}
+    second = CliRunner().invoke(app, args)  # every shard is done: no Ray, same files
+    assert second.exit_code == 0, second.output
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*.jsonl")} == snapshot
+    assert json.loads((out / "report.json").read_text())["run"]["shards_scored"] == 0
+    bad = CliRunner().invoke(app, ["filter", str(tmp_path / "nothing"), "--out", str(out), "--embedder", "micro"])
+    assert bad.exit_code == 1 and "no shard-*.jsonl" in bad.output

@@ -1,0 +1,207 @@
+"""The whole flow on the micro preset: real Prefect (one local server), real Ray (local), a real
+MLflow store and a real DVC repository in a temporary project. Synthesis talks to an
+OpenAI-compatible endpoint served by this test on loopback (a scripted LLM, so the synthetic pairs
+are valid and the run is fast); everything else is the production code path."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+class ScriptedLLM(BaseHTTPRequestHandler):
+    """Answers the configuration and query-generation prompts of the paper's templates."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+        if "select the appropriate option" in system:
+            first = re.search(r"^\s*1\. (.+)$", user.split("**Character**")[-1], re.M).group(1)
+            content = {"Character": first, "Question_Type": "keywords", "Difficulty": "university"}
+        elif "generate a query" in system:
+            passage = user.split("**Passage**")[1].split("**Requirement**")[0].split()
+            content = {"Query": "what do we know about " + " ".join(passage[4:10])}
+        else:
+            content = {}
+        payload = json.dumps({"id": "x", "object": "chat.completion", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": json.dumps(content)}, "finish_reason": "stop"}]})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload.encode())
+
+
+@pytest.fixture(scope="module")
+def llm_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedLLM)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    from dvc.repo import Repo
+
+    root = tmp_path_factory.mktemp("project")
+    Repo.init(str(root), no_scm=True)
+    return root
+
+
+def overrides(shared_data: Path, llm_url: str, *extra: str) -> list[str]:
+    return [
+        f"data.source={shared_data}",
+        "data.include=[passages/en-nq-msmarco.jsonl, personas/personahub-5k.txt, triplets-en, beir/nq-msmarco-hardneg]",
+        "synth.generator.backend=openai", f"synth.generator.base_url={llm_url}", "synth.generator.model=scripted",
+        "synth.num_passages=12", "synth.shard_size=6",
+        "stage2.data=[{path: data/triplets-en/snli_dev_triplets.jsonl, limit: 200}]",
+        "reranker.data=[{path: data/triplets-en/snli_dev_triplets.jsonl, limit: 100}]",
+        "filter.threshold=0.2",
+        *extra,
+    ]
+
+
+def run(project, shared_data, llm_url, *extra):
+    from flows.pipeline import pipeline
+
+    return pipeline(preset="micro", overrides=overrides(shared_data, llm_url, *extra), project_dir=str(project))
+
+
+def cached(summary) -> dict[str, bool]:
+    return {t["stage"]: t["cached"] for t in summary["stages"]}
+
+
+@pytest.fixture(scope="module")
+def runs(project, shared_data, llm_url, prefect_server, ray_session, monkeypatch_module):
+    """The sequence of runs every test below inspects (they are expensive, so run them once)."""
+    monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = {}
+    with pytest.raises(Exception, match="missing.jsonl"):
+        run(project, shared_data, llm_url, "stage2.data=[{path: data/missing.jsonl}]")
+    out["resumed"] = run(project, shared_data, llm_url)
+    out["again"] = run(project, shared_data, llm_url)
+    out["changed_lr"] = run(project, shared_data, llm_url, "stage2.lr=0.002")
+    return out
+
+
+def test_every_stage_runs_and_leaves_its_artifacts(runs, project):
+    s = runs["resumed"]
+    assert set(s["scores"]) == {"backbone", "stage1", "stage2", "merged", "reranker"}
+    assert s["final_model"] == "merged"
+    for name, scores in s["scores"].items():
+        assert 0 <= scores["nq-msmarco-hardneg"] <= 1, name
+    assert "nq-msmarco-hardneg/rerank" in s["scores"]["reranker"]
+    synth = next(project.glob("datasets/synthetic/*/stats.json"))
+    assert json.loads(synth.read_text())["accepted"] > 0
+    assert list(synth.parent.glob("shard-*.jsonl"))
+    assert list(project.glob("datasets/filtered/*/report.json"))
+    for stage in ("stage1", "stage2", "reranker"):
+        assert list(project.glob(f"runs/artifacts/{stage}/*/final/model.safetensors")), stage
+    assert list(project.glob("runs/artifacts/merge/*/model/merge.json"))
+    assert (project / "runs" / "runs" / s["run_id"] / "summary.json").is_file()
+
+
+def test_failed_run_resumed_at_the_failed_stage(runs):
+    flags = cached(runs["resumed"])
+    assert flags["synthesis"] and flags["stage1"] and flags["filter"]
+    assert not flags["stage2"]
+
+
+def test_second_run_recomputes_nothing(runs):
+    assert all(cached(runs["again"]).values()), cached(runs["again"])
+    assert runs["again"]["scores"] == runs["resumed"]["scores"]
+
+
+def test_changed_training_parameter_recomputes_only_downstream(runs):
+    flags = cached(runs["changed_lr"])
+    upstream = ["synthesis", "stage1", "filter", "reranker", "reranker-merge", "eval-backbone", "eval-stage1"]
+    downstream = ["stage2", "merge", "eval-stage2", "eval-merged", "eval-reranker"]
+    assert all(flags[s] for s in upstream), flags
+    assert not any(flags[s] for s in downstream), flags
+
+
+def test_mlflow_has_the_parent_and_nested_runs(runs, project):
+    import mlflow
+
+    from tasks import tracking
+
+    tracking.setup(project / "runs", "qwen3-embedding")
+    client = mlflow.MlflowClient()
+    s = runs["resumed"]
+    parent = client.get_run(s["run_id"])
+    tags, params, metrics = parent.data.tags, parent.data.params, parent.data.metrics
+    for key in ("git_commit", "config_hash", "dvc_data_md5", "preset", "ablation", "dvc_synthetic_md5",
+                "dvc_filtered_md5", "model_uri.embedding", "model_uri.reranker"):
+        assert tags.get(key), key
+    assert tags["preset"] == "micro" and params["stage2.loss.temperature"] == "0.05"
+    assert "final/nq-msmarco-hardneg" in metrics and "eval/backbone/nq-msmarco-hardneg" in metrics
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{s['run_id']}'")
+    by_stage = {c.data.tags["stage"]: c for c in children}
+    assert {"synthesis", "stage1", "filter", "stage2", "merge", "reranker", "reranker-merge",
+            "eval-backbone", "eval-reranker"} <= set(by_stage)
+    stage2 = by_stage["stage2"]
+    history = client.get_metric_history(stage2.info.run_id, "train/loss")
+    assert len(history) == 8 and [m.step for m in history] == list(range(1, 9))
+    assert "train/lr" in stage2.data.metrics and "train/pairs_per_s" in stage2.data.metrics
+    arts = {a.path for a in client.list_artifacts(stage2.info.run_id)}
+    assert "loss.png" in arts
+    assert "stats.json" in {a.path for a in client.list_artifacts(by_stage["synthesis"].info.run_id)}
+    assert any(a.path.endswith(".png") for a in client.list_artifacts(by_stage["filter"].info.run_id))
+    assert any(k.startswith("eval/") for k in by_stage["eval-merged"].data.metrics)
+
+
+def test_final_models_load_back_from_mlflow(runs, project):
+    import mlflow
+    import pandas as pd
+
+    from tasks import tracking
+
+    tracking.setup(project / "runs", "qwen3-embedding")
+    tags = mlflow.MlflowClient().get_run(runs["resumed"]["run_id"]).data.tags
+    emb = mlflow.pyfunc.load_model(tags["model_uri.embedding"]).predict(["a dog runs", "a cat sleeps"])
+    assert emb.shape == (2, 64)
+    rr = mlflow.pyfunc.load_model(tags["model_uri.reranker"]).predict(
+        pd.DataFrame({"query": ["who runs"], "document": ["a dog runs"]}))
+    assert 0 < float(rr[0]) < 1
+
+
+def test_dvc_versions_are_recorded_and_consistent(runs, project):
+    import yaml
+
+    from tasks.lineage import is_clean, read_dvc_file
+
+    s = runs["resumed"]
+    assert s["data_md5"] == read_dvc_file(project / "data.dvc")["md5"]
+    assert is_clean(project, "data")
+    dvc_files = list(project.glob("datasets/synthetic/*.dvc")) + list(project.glob("datasets/filtered/*.dvc"))
+    assert len(dvc_files) >= 2
+    recorded = {yaml.safe_load(f.read_text())["outs"][0]["md5"] for f in dvc_files}
+    import mlflow
+
+    tags = mlflow.MlflowClient().get_run(s["run_id"]).data.tags
+    assert tags["dvc_synthetic_md5"] in recorded and tags["dvc_filtered_md5"] in recorded
+
+
+def test_lineage_and_compare_commands(runs, project):
+    from typer.testing import CliRunner
+
+    from tasks.cli import app
+
+    r = CliRunner().invoke(app, ["lineage", runs["resumed"]["run_id"], "--run-dir", str(project / "runs")])
+    assert r.exit_code == 0, r.output
+    assert "dvc_data_md5" in r.output and "stage2" in r.output
+    out = project / "cmp"
+    r = CliRunner().invoke(app, ["runs", "compare", "--run-dir", str(project / "runs"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert runs["resumed"]["run_id"] in out.with_suffix(".csv").read_text()

@@ -1,0 +1,517 @@
+"""Synthesis (paper §3.3, A.1): prompts, lenient parsing/validation, the two generator backends, and
+the Ray-distributed, resumable `synthesize` on real passages.
+
+Where exact outputs are needed the LLM is a scripted backend (a class implementing the generator
+protocol, or a real HTTP server on loopback speaking the OpenAI API); Ray always runs for real.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import functools
+import hashlib
+import http.server
+import json
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.config import GeneratorConfig, SynthConfig, load_config
+from tasks.generate import GeneratorError, OpenAIGenerator, Secret, build_generator, json_object_closed
+from tasks.synthesize import (
+    DIFFICULTIES, INSTRUCTIONS, PROMPT_VERSION, QUESTION_TYPES, Reject, check_text, classification_prompt,
+    configuration_prompt, load_passages, make_plan, match_character, normalise_choice, parse_json_answer,
+    query_prompt, synthesize, synthesize_shard,
+)
+
+PASSAGES = "passages/en-nq-msmarco.jsonl"
+KEY = "sk-test-Q3E-do-not-leak-7f3a9c"
+
+
+@pytest.fixture(scope="module")
+def personas_file(shared_data, tmp_path_factory) -> Path:
+    """The first 400 real PersonaHub personas (the full 5k file costs ~30 s of MiniLM once)."""
+    lines = (shared_data / "personas" / "personahub-5k.txt").read_text(encoding="utf-8").splitlines()[:400]
+    path = tmp_path_factory.mktemp("personas") / "personas-400.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def synth_cfg(shared_data: Path, personas: Path, **update) -> SynthConfig:
+    base = load_config("micro").synth.model_dump()
+    base.update(passages=[str(shared_data / PASSAGES)], personas=str(personas), num_passages=8, shard_size=2)
+    gen = base["generator"] | update.pop("generator", {})
+    return SynthConfig.model_validate(base | update | {"generator": gen})
+
+
+# ----------------------------------------------------------------------------- a scripted "LLM"
+
+def _section(text: str, name: str) -> str:
+    m = re.search(r"\*\*" + name + r"\*\*:?\n(.*?)(?:\n\*\*|\Z)", text, re.S)
+    return m.group(1).strip() if m else ""
+
+
+def scripted_answer(messages: list[dict], state: dict) -> str:
+    """Answers like a well-behaved instruct LLM, except for the passages named below, which get the
+    malformed answers a small model produces. `state` counts calls per (stage, passage)."""
+    system, user = messages[0]["content"], messages[1]["content"]
+    passage = _section(user, "Passage")
+    key = passage[:20]
+    state[key] = state.get(key, 0) + 1
+    if "select the appropriate option from three fields" in system:
+        candidates = [re.sub(r"^\d+\. ", "", c) for c in _section(user, "Character").splitlines()]
+        if passage.startswith("Major Crimes"):
+            return "I think the best character is the first one, asking a question."
+        if passage.startswith("Breaking Bad"):
+            return json.dumps({"Character": candidates[0], "Question_Type": "opinion", "Difficulty": "phd"})
+        if passage.startswith("Sin senos"):
+            return json.dumps({"Persona": candidates[0], "Type": "summary"})
+        if passage.startswith("How to Get Away"):  # fenced, single quotes, trailing comma, by number
+            return "Sure!\n```json\n{'Character': '2', 'Question_Type': 'Yes or No', 'Difficulty': 'University',}\n```"
+        qtype = list(QUESTION_TYPES)[int(hashlib.md5(passage.encode()).hexdigest(), 16) % 5]
+        return json.dumps({"Character": candidates[0], "Question_Type": qtype, "Difficulty": "high_school"}) + \
+            "\nThis character fits best."
+    if "generate a query from the **Character**'s perspective" in system:
+        if passage.startswith("Falling Skies"):  # a sentence copied from the passage
+            return json.dumps({"Query": " ".join(passage.split()[:9])})
+        if passage.startswith("Arrested Development") and state[key] == 2:  # first query attempt: too long
+            return json.dumps({"Query": "tell me " + "everything " * 90})
+        return json.dumps({"Query": "what is known about " + " ".join(passage.split()[:3])})
+    if "translate it into the **Target** language" in system:
+        text, target = _section(user, "Text"), _section(user, "Target")
+        if target in ("Chinese", "Japanese"):
+            return json.dumps({"Translation": "译" * (2 * len(text.split()))}, ensure_ascii=False)
+        return json.dumps({"Translation": "en " + target + ": " + " ".join(reversed(text.split()))})
+    if "semantic similarity to the **Sentence**" in system:
+        return json.dumps({"Sentence": "In other words, " + " ".join(reversed(_section(user, "Sentence").split()))})
+    if "choose the Label" in system:
+        return '{"Label": "Arts and Entertainment", "Description": "television"}'
+    return "?"
+
+
+class ScriptedGenerator:
+    """A generator backend (the protocol of tasks.generate) that answers from `scripted_answer`."""
+
+    name = "scripted"
+
+    def __init__(self):
+        self.state: dict = {}
+        self.calls: list[int] = []
+
+    def generate(self, prompts, *, seed, temperature, max_new_tokens):
+        self.calls.append(len(prompts))
+        return [scripted_answer(m, self.state) for m in prompts]
+
+
+# ----------------------------------------------------------------------------- prompts (paper A.1)
+
+def _in_order(text: str, parts: list[str]) -> None:
+    pos = 0
+    for part in parts:
+        i = text.find(part, pos)
+        assert i >= 0, f"missing or out of order: {part!r}"
+        pos = i + len(part)
+
+
+def test_configuration_prompt_follows_the_paper_template():
+    msgs = configuration_prompt("PASSAGE TEXT", ["persona one", "persona two"], "English")
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    text = msgs[0]["content"] + "\n\n" + msgs[1]["content"]
+    _in_order(text, [
+        "Given a **Passage** and **Character**, select the appropriate option from three fields: Character, "
+        "Question_Type, Difficulty, and return the output in JSON format.",
+        "First, select the Character who are likely to be interested in the Passage from the candidates. Then "
+        "select the Question_Type that the Character might ask about the Passage; Finally, choose the Difficulty "
+        "of the possible question based on the Passage, the Character, and the Question_Type.",
+        "Character: Given by input **Character**",
+        "Question_Type:", *[f"- {t}: " for t in QUESTION_TYPES],
+        "Difficulty:", *[f"- {d}: " for d in DIFFICULTIES],
+        "Here are some examples", "<Example1>", "<Example2>", "<Example3>",
+        "Now, generate the **output** based on the **Passage** and **Character** from user, the **Passage** will be "
+        "in English language and the **Character** will be in English.",
+        "Ensure to generate only the JSON output with content in English.",
+        "**Passage**:\nPASSAGE TEXT", "**Character**:\n1. persona one\n2. persona two",
+    ])
+    for out in re.findall(r"\*\*output\*\*:\n(\{.*\})", msgs[0]["content"]):  # the examples obey the rules
+        ex = json.loads(out)
+        assert ex["Question_Type"] in QUESTION_TYPES and ex["Difficulty"] in DIFFICULTIES
+    assert configuration_prompt("p", ["c"], "English", prefill=True)[-1] == \
+        {"role": "assistant", "content": '{"Character": "'}
+
+
+def test_query_prompt_follows_the_paper_template():
+    msgs = query_prompt("a nurse", "PASSAGE", "summary", "phd", 12, corpus_language="Chinese",
+                        query_language="French")
+    text = msgs[0]["content"] + "\n\n" + msgs[1]["content"]
+    _in_order(text, [
+        "Given a **Character**, **Passage**, and **Requirement**, generate a query from the **Character**'s "
+        "perspective that satisfies the **Requirement** and can be used to retrieve the **Passage**. Please return "
+        "the result in JSON format.",
+        "Here is an example:", "<example>", '{"Query": ', "</example>",
+        "Now, generate the **output** based on the **Character**, **Passage** and **Requirement** from user, the "
+        "**Passage** will be in Chinese language, the **Character** and **Requirement** will be in English.",
+        "Ensure to generate only the JSON output, with the key in English and the value in French language.",
+        "**Character**\na nurse", "**Passage**\nPASSAGE", "**Requirement**",
+        "- Type: summary;", "- Difficulty: phd;",
+        "- Length: the length of the generated sentences should be 12 words;",
+        "- Language: the language in which the results are generated should be French language;",
+    ])
+
+
+# ----------------------------------------------------------------------------- parsing and validation
+
+@pytest.mark.parametrize("text", [
+    '{"Query": "how tall is it"}',
+    'Here you go:\n```json\n{"Query": "how tall is it"}\n```\nHope this helps!',
+    "{'Query': 'how tall is it'}",
+    '{"Query": "how tall is it",}',
+    '{"Query": "how tall is it"',
+    'Sure. {"Query": "how tall is it"} {"Query": "second"}',
+])
+def test_lenient_json_parsing(text):
+    assert parse_json_answer(text, ("Query",))["Query"] == "how tall is it"
+
+
+def test_unescaped_quotes_are_recovered_by_key_scan():
+    text = '{"Character": "A die-hard fan of "Chasing Life" who supports it", "Question_Type": "summary", ' \
+           '"Difficulty": "phd"}'
+    obj = parse_json_answer(text, ("Character", "Question_Type", "Difficulty"))
+    assert obj == {"Character": 'A die-hard fan of "Chasing Life" who supports it', "Question_Type": "summary",
+                   "Difficulty": "phd"}
+
+
+@pytest.mark.parametrize("text, code", [("no json at all", "no_json"), ("", "empty_output"),
+                                        ("[1, 2, 3]", "no_json")])
+def test_unparseable_answers_are_rejected(text, code):
+    with pytest.raises(Reject) as e:
+        parse_json_answer(text)
+    assert e.value.code == code
+
+
+def test_choices_are_normalised_case_insensitively():
+    assert normalise_choice("Yes or No", list(QUESTION_TYPES), "question_type") == "yes_or_no"
+    assert normalise_choice("acquire knowledge", list(QUESTION_TYPES), "question_type") == "acquire_knowledge"
+    assert normalise_choice("Ph.D.", list(DIFFICULTIES), "difficulty") == "phd"
+    assert normalise_choice("High School", list(DIFFICULTIES), "difficulty") == "high_school"
+    with pytest.raises(Reject, match="invalid_question_type"):
+        normalise_choice("opinion", list(QUESTION_TYPES), "question_type")
+    cands = ["A nurse working night shifts", "A retired pilot who loves jazz"]
+    assert match_character("2", cands) == cands[1]
+    assert match_character("a retired pilot who loves jazz.", cands) == cands[1]
+    assert match_character("retired pilot, loves jazz", cands) == cands[1]
+    with pytest.raises(Reject, match="unknown_character"):
+        match_character("A chef", cands)
+
+
+def test_generated_text_validation():
+    passage = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France."
+    assert check_text("  how tall is the eiffel tower ", passage, language="English", length=5) == \
+        "how tall is the eiffel tower"
+    cases = [
+        ("wrought-iron lattice tower on the Champ de Mars", "copied_passage"),
+        (passage, "copied_passage"),
+        ("How do mitochondria produce energy for the cell?", "copied_example"),
+        ("埃菲尔铁塔有多高", "wrong_language"),
+        ("tower " * 40, "query_too_long"),
+        ("", "empty_query"),
+        ("**Passage** tower", "template_echo"),
+    ]
+    for text, code in cases:
+        with pytest.raises(Reject) as e:
+            check_text(text, passage, language="English", length=5)
+        assert e.value.code == code, text
+    assert check_text("埃菲尔铁塔有多高", passage, language="Chinese", length=5)
+
+
+def test_plans_are_deterministic_and_follow_the_mix(shared_data):
+    passages = load_passages([shared_data / PASSAGES], limit=400)
+    cfg = SynthConfig(kinds={"retrieval": 3, "sts": 1}, languages=["English", "German"], seed=7)
+    plans = [make_plan(p, cfg) for p in passages]
+    assert plans == [make_plan(p, cfg) for p in passages]
+    share = sum(p.kind == "retrieval" for p in plans) / len(plans)
+    assert 0.68 < share < 0.82
+    assert {p.language for p in plans} == {"English", "German"}
+    other = [make_plan(p, cfg.model_copy(update={"seed": 8})) for p in passages]
+    assert [p.kind for p in other] != [p.kind for p in plans]
+
+
+# ----------------------------------------------------------------------------- the local backend
+
+def test_transformers_backend_batches_and_continues_a_prefill():
+    gen = build_generator(GeneratorConfig(model="micro", batch_size=2))
+    prompts = [classification_prompt("passage " * n, ["a", "b"], "English", prefill=True) for n in (3, 30, 9)]
+    a = gen.generate(prompts, seed=3, temperature=0.8, max_new_tokens=8)
+    assert len(a) == 3 and all(x.startswith('{"Label": "') for x in a)
+    assert gen.generate(prompts, seed=3, temperature=0.8, max_new_tokens=8) == a  # seeded
+    assert gen.generate(prompts, seed=4, temperature=0.8, max_new_tokens=8) != a
+    # the shared template prefix is computed once and reused: same greedy output as without it
+    greedy = gen.generate(prompts, seed=0, temperature=0.0, max_new_tokens=6)
+    assert gen._prefix is not None
+    gen.min_prefix_tokens = 10**9
+    assert gen.generate(prompts, seed=0, temperature=0.0, max_new_tokens=6) == greedy
+    assert json_object_closed('{"a": "x"} trailing') and not json_object_closed('{"a": {"b": 1}')
+
+
+# ----------------------------------------------------------------------------- synthesize on Ray
+
+def test_synthesize_with_a_scripted_llm(ray_session, shared_data, personas_file, tmp_path):
+    from tasks.synthesize import _persona_encoder, load_personas, retrieve_personas
+
+    cfg = synth_cfg(shared_data, personas_file, workers=2, generator={"max_retries": 1, "json_prefill": False})
+    out = tmp_path / "synth"
+    res = synthesize(cfg, out, generator_factory=ScriptedGenerator, progress=False)
+
+    passages = load_passages(cfg.passages, limit=8)
+    by_id = {p.id: p for p in passages}
+    accepted = [json.loads(line) for s in res.shards for line in s.read_text().splitlines()]
+    rejected = [json.loads(line) for f in sorted((out / "rejected").glob("*.jsonl"))
+                for line in f.read_text().splitlines()]
+    reasons = {r["passage_id"]: r["reason"] for r in rejected}
+    assert reasons == {"p1": "configuration/no_json", "p2": "configuration/invalid_question_type",
+                       "p3": "query/copied_passage", "p4": "configuration/missing_character"}
+    assert {r["passage_id"]: r["meta"]["llm_calls"] for r in rejected} == {"p1": 2, "p2": 2, "p3": 3, "p4": 2}
+    assert all(r["output"] and r["detail"] is not None for r in rejected)
+
+    assert [r["meta"]["passage_id"] for r in accepted] == ["p0", "p5", "p6", "p7"]
+    tops = retrieve_personas([by_id[i].text for i in ("p5",)], load_personas(personas_file),
+                             _persona_encoder(cfg.persona_retriever), top_k=5)
+    for rec in accepted:
+        m = rec["meta"]
+        assert set(rec) == {"query", "response", "rejected_response", "instruction", "meta"}
+        assert rec["response"] == by_id[m["passage_id"]].text and rec["rejected_response"] == []
+        assert rec["instruction"] == INSTRUCTIONS["retrieval"]
+        assert rec["query"] == "what is known about " + " ".join(by_id[m["passage_id"]].text.split()[:3])
+        assert m["task"] == "retrieval" and m["generator"] == "scripted" and m["prompt_version"] == PROMPT_VERSION
+        assert m["seed"] == cfg.seed and m["language"] == "English" and m["length"] in cfg.query_lengths
+        assert m["question_type"] in QUESTION_TYPES and m["difficulty"] in DIFFICULTIES
+    p5 = next(r for r in accepted if r["meta"]["passage_id"] == "p5")["meta"]  # lenient: by number, aliases
+    assert (p5["persona"], p5["question_type"], p5["difficulty"]) == (tops[0][1], "yes_or_no", "university")
+    assert next(r for r in accepted if r["meta"]["passage_id"] == "p6")["meta"]["llm_calls"] == 3  # one retry
+
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats == res.stats
+    assert (stats["accepted"], stats["rejected"], stats["acceptance_rate"]) == (4, 4, 0.5)
+    assert stats["by_kind"] == {"retrieval": {"accepted": 4, "rejected": 4}}
+    assert stats["rejection_reasons"]["configuration/no_json"] == 1 and stats["run"]["shards_generated"] == 4
+    assert sum(stats["by_question_type"].values()) == 4 and stats["by_difficulty"]["high_school"] == 3
+
+    # the folder remembers what made it: other settings are refused, the same ones reuse every shard
+    with pytest.raises(ValueError, match="other settings"):
+        synthesize(cfg.model_copy(update={"seed": 1}), out, generator_factory=ScriptedGenerator, progress=False)
+    again = synthesize(cfg, out, generator_factory=ScriptedGenerator, progress=False)
+    assert again.stats["run"]["shards_generated"] == 0 and again.stats["accepted"] == 4
+
+
+class CrashingGenerator:
+    """The configured backend, except that it fails on the shard holding `marker` (a killed worker)."""
+
+    def __init__(self, cfg: GeneratorConfig, marker: str):
+        self.inner = build_generator(cfg)
+        self.name = self.inner.name
+        self.marker = marker
+
+    def generate(self, prompts, **kw):
+        if any(self.marker in m["content"] for p in prompts for m in p):
+            raise GeneratorError("simulated crash")
+        return self.inner.generate(prompts, **kw)
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.jsonl"))
+
+
+def test_micro_generator_end_to_end_and_resume_equals_uninterrupted(ray_session, shared_data, personas_file,
+                                                                     tmp_path):
+    cfg = synth_cfg(shared_data, personas_file, workers=2, generator={"max_new_tokens": 16},
+                    kinds={"retrieval": 2, "bitext": 1, "sts": 1, "classification": 1})
+    full = synthesize(cfg, tmp_path / "full", progress=False)  # the real micro LM: garbage, mostly rejected
+    assert len(full.shards) == 4 and full.stats["passages"] == 8
+    assert full.stats["generator"] == "micro" and full.stats["llm_calls"] >= 8
+    rejected = [json.loads(line) for f in sorted((tmp_path / "full" / "rejected").glob("*.jsonl"))
+                for line in f.read_text().splitlines()]
+    assert rejected and all(r["reason"].split("/")[0] in ("configuration", "query", "translation", "sts",
+                                                          "classification") for r in rejected)
+
+    passages = load_passages(cfg.passages, limit=8)
+    one = cfg.model_copy(update={"workers": 1})
+    crash = functools.partial(CrashingGenerator, cfg.generator, passages[5].text[:60])
+    with pytest.raises(GeneratorError, match="simulated crash"):
+        synthesize(one, tmp_path / "resumed", generator_factory=crash, progress=False)
+    assert _files(tmp_path / "resumed") == ["rejected/rejected-00000.jsonl", "rejected/rejected-00001.jsonl",
+                                            "shard-00000.jsonl", "shard-00001.jsonl"]
+    resumed = synthesize(one, tmp_path / "resumed", progress=False)
+    assert resumed.stats["run"]["shards_generated"] == 2 and resumed.stats["run"]["shards_reused"] == 2
+
+    names = _files(tmp_path / "full")
+    assert names == _files(tmp_path / "resumed") and len(names) == 8
+    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "full", tmp_path / "resumed", names, shallow=False)
+    assert not mismatch and not errors
+    assert {k: v for k, v in full.stats.items() if k != "run"} == {k: v for k, v in resumed.stats.items()
+                                                                   if k != "run"}
+
+
+# ----------------------------------------------------------------------------- the OpenAI-compatible backend
+
+class FakeOpenAI(http.server.ThreadingHTTPServer):
+    """A real HTTP server on loopback speaking `POST /v1/chat/completions`. `script` is a queue of
+    faults to serve first; then it answers with `scripted_answer`."""
+
+    daemon_threads = True
+
+    def __init__(self, key: str | None = KEY):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.key = key
+        self.script: list[tuple] = []
+        self.requests: list[dict] = []
+        self.times: list[float] = []
+        self.state: dict = {}
+        self.lock = threading.Lock()
+        self.active = self.max_active = 0
+        self.delay = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def __enter__(self):
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+    def _send(self, code: int, body: str | bytes, headers: dict | None = None) -> None:
+        data = body.encode() if isinstance(body, str) else body
+        self.send_response(code)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        srv: FakeOpenAI = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with srv.lock:
+            srv.requests.append(body)
+            srv.times.append(time.monotonic())
+            action = srv.script.pop(0) if srv.script else ("llm",)
+            srv.active += 1
+            srv.max_active = max(srv.max_active, srv.active)
+        try:
+            time.sleep(srv.delay)
+            auth = self.headers.get("Authorization", "")
+            if self.path != "/v1/chat/completions":
+                return self._send(404, '{"error": "not found"}')
+            if action[0] == "status":
+                return self._send(action[1], '{"error": "busy"}', action[2] if len(action) > 2 else None)
+            if action[0] == "garbage":
+                return self._send(200, "<html>this is not json")
+            if action[0] == "echo_auth" or (srv.key and auth != f"Bearer {srv.key}"):
+                return self._send(401, json.dumps({"error": f"bad credentials: {auth}"}))
+            with srv.lock:
+                content = scripted_answer(body["messages"], srv.state)
+            self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}))
+        finally:
+            with srv.lock:
+                srv.active -= 1
+
+
+def _openai(server: FakeOpenAI, **kw) -> OpenAIGenerator:
+    kw = {"api_key": Secret(KEY), "backoff_s": 0.01, "max_backoff_s": 0.05, "http_retries": 3} | kw
+    return OpenAIGenerator(server.url, "qwen3-32b", **kw)
+
+
+def _config_prompt() -> list[dict]:
+    return configuration_prompt("Paris is the capital of France.", ["A tourist", "A geographer"], "English")
+
+
+def test_openai_backend_requests_and_concurrency():
+    with FakeOpenAI() as srv:
+        srv.delay = 0.05
+        gen = _openai(srv, concurrency=3)
+        outs = gen.generate([_config_prompt()] * 7, seed=5, temperature=0.6, max_new_tokens=40)
+    assert len(outs) == 7 and all(parse_json_answer(o)["Character"] == "A tourist" for o in outs)
+    body = srv.requests[0]
+    assert body["model"] == "qwen3-32b" and body["seed"] == 5 and body["max_tokens"] == 40
+    assert body["temperature"] == 0.6 and body["messages"] == _config_prompt()
+    assert 1 < srv.max_active <= 3
+
+
+def test_openai_backend_honours_retry_after_and_retries_5xx():
+    with FakeOpenAI() as srv:
+        srv.script = [("status", 429, {"Retry-After": "1"}), ("status", 500), ("status", 503)]
+        gen = _openai(srv, concurrency=1)
+        t0 = time.monotonic()
+        out = gen.generate([_config_prompt()], seed=0, temperature=0.0, max_new_tokens=40)
+    assert parse_json_answer(out[0])["Question_Type"] in QUESTION_TYPES
+    assert len(srv.requests) == 4 and gen.requests == 4
+    assert srv.times[1] - srv.times[0] >= 0.95  # waited for Retry-After, not the 0.01 s backoff
+    assert time.monotonic() - t0 < 5
+
+
+def test_openai_backend_gives_up_with_a_clear_error_and_never_shows_the_key(caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    with FakeOpenAI() as srv:
+        srv.script = [("garbage",)] * 4
+        with pytest.raises(GeneratorError, match=r"giving up after 4 attempts; last error: invalid response body"):
+            _openai(srv).generate([_config_prompt()], seed=0, temperature=0.0, max_new_tokens=8)
+        srv.script = [("echo_auth",)]
+        with pytest.raises(GeneratorError, match="HTTP 401 .not retried.") as e:
+            _openai(srv).generate([_config_prompt()], seed=0, temperature=0.0, max_new_tokens=8)
+        assert KEY not in str(e.value) and "***" in str(e.value)
+        gen = _openai(srv)
+        assert KEY not in repr(gen) and KEY not in str(gen.__dict__.get("_key"))
+    with pytest.raises(GeneratorError, match="connection error"):  # the server is gone
+        _openai(srv, http_retries=1).generate([_config_prompt()], seed=0, temperature=0.0, max_new_tokens=8)
+    captured = capfd.readouterr()
+    assert KEY not in caplog.text and KEY not in captured.out + captured.err
+
+
+def test_synthesize_through_an_openai_endpoint_all_task_kinds(ray_session, shared_data, personas_file, tmp_path,
+                                                               monkeypatch, caplog, capfd):
+    monkeypatch.setenv("Q3E_TEST_API_KEY", KEY)
+    caplog.set_level(logging.INFO)
+    with FakeOpenAI() as srv:
+        cfg = synth_cfg(shared_data, personas_file, workers=1, shard_size=4, seed=3,  # seed 3: all four kinds
+                        kinds={"retrieval": 1, "bitext": 1, "sts": 1, "classification": 1},
+                        languages=["English", "German"],
+                        generator={"backend": "openai", "model": "qwen3-32b", "base_url": srv.url,
+                                   "api_key_env": "Q3E_TEST_API_KEY", "concurrency": 2, "backoff_s": 0.01})
+        srv.script = [("status", 500), ("status", 429, {"Retry-After": "0"})]
+        res = synthesize(cfg, tmp_path / "synth", progress=False)
+    out = tmp_path / "synth"
+    records = [json.loads(line) for s in res.shards for line in s.read_text().splitlines()]
+    plans = {p.passage.id: p for p in (make_plan(x, cfg) for x in load_passages(cfg.passages, limit=8))}
+    # every passage whose scripted answers are well-formed is accepted, whatever its task kind
+    bad = {"p1", "p2", "p3", "p4"}
+    assert sorted(r["meta"]["passage_id"] for r in records) == \
+        sorted(i for i, p in plans.items() if p.kind != "retrieval" or i not in bad)
+    assert {r["meta"]["task"] for r in records} == {"retrieval", "bitext", "sts", "classification"}
+    assert res.stats["generator"] == "qwen3-32b"
+    for r in records:
+        m, plan = r["meta"], plans[r["meta"]["passage_id"]]
+        assert m["task"] == plan.kind and r["instruction"] == INSTRUCTIONS[plan.kind]
+        if plan.kind in ("bitext", "sts"):
+            assert r.get("symmetric") is True and r["response"] in " ".join(plan.passage.text.split())
+        if plan.kind == "bitext":
+            assert m["language"] == plan.target_language and m["language"] != "English"
+        if plan.kind == "classification":
+            assert (r["query"], r["response"]) == (plan.passage.text, "arts and entertainment")
+        if plan.kind == "retrieval":
+            assert m["language"] == plan.language and r["response"] == plan.passage.text
+    # the key went to the server (else 401s) but nowhere else
+    assert all(path.read_bytes().find(KEY.encode()) < 0 for path in out.rglob("*") if path.is_file())
+    captured = capfd.readouterr()
+    assert KEY not in caplog.text and KEY not in captured.out + captured.err
