@@ -23,6 +23,16 @@ def score_of(scores: dict[str, float], metric: str) -> float:
     return scores[metric]
 
 
+def decide(new_score: float, current: dict | None, metric: str, tolerance: float) -> tuple[str, str]:
+    """("promoted" | "kept", why): promote when there is no champion or new >= champion - tolerance."""
+    if current is None:
+        return "promoted", f"no champion yet; new {metric} {new_score:.4f}"
+    if new_score >= current["score"] - tolerance:
+        return "promoted", f"new {metric} {new_score:.4f} >= champion v{current['version']} {current['score']:.4f} - {tolerance}"
+    return "kept", (f"new {metric} {new_score:.4f} < champion v{current['version']} {current['score']:.4f} - {tolerance}: "
+                    "champion kept")
+
+
 def champion(name: str, alias: str) -> dict | None:
     """The model version behind `alias` with the tags recorded at promotion, or None."""
     import mlflow
@@ -64,19 +74,14 @@ def retrain(preset: str = "smol", overrides: list[str] | None = None, config_fil
     uri = summary.get("model_uris", {}).get("embedding")
     if uri is None:
         raise RuntimeError(f"run {pid} produced no trained embedding model to promote")
-    if current is None or new_score >= current["score"] - rc.tolerance:
+    decision, reason = decide(new_score, current, rc.metric, rc.tolerance)
+    if decision == "promoted":
         mv = mlflow.register_model(uri, rc.registered_model, tags={
             "score": str(new_score), "metric": rc.metric, "data_md5": data_md5, "config_hash": cfg.digest(),
             "run_id": pid})
         client.set_registered_model_alias(rc.registered_model, rc.alias, mv.version)
-        decision = "promoted"
-        reason = (f"new {rc.metric} {new_score:.4f} >= champion {current['score']:.4f} - {rc.tolerance}"
-                  if current else f"no champion yet; new {rc.metric} {new_score:.4f}")
         version = mv.version
     else:
-        decision = "kept"
-        reason = (f"new {rc.metric} {new_score:.4f} < champion v{current['version']} "
-                  f"{current['score']:.4f} - {rc.tolerance}: champion kept")
         version = current["version"]
     logger.info("retrain: %s (%s)", decision, reason)
     client.set_tag(pid, "retrain.decision", decision)
@@ -88,10 +93,11 @@ def retrain(preset: str = "smol", overrides: list[str] | None = None, config_fil
 
 
 def register_schedule(cron: str, preset: str = "smol", overrides: list[str] | None = None,
-                      project_dir: str = ".", name: str | None = None):
+                      project_dir: str = ".", name: str | None = None, config_files: list[str] | None = None):
     """The retraining flow as a Prefect deployment on a cron schedule (returns the RunnerDeployment)."""
     return retrain.to_deployment(
         name=name or f"retrain-{preset}", cron=cron,
-        parameters={"preset": preset, "overrides": overrides or [], "project_dir": str(Path(project_dir).resolve())},
+        parameters={"preset": preset, "overrides": overrides or [], "config_files": config_files or [],
+                    "project_dir": str(Path(project_dir).resolve())},
         description=f"Retrain the {preset} preset on the newest data version; promote if not worse.",
         tags=["qwen3-embedding", preset])

@@ -34,13 +34,19 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _config(preset: str, overrides: Optional[List[str]], files: Optional[List[Path]] = None, ablation: str | None = None):
+    import os
+
     from tasks.config import ConfigError, load_config
 
     try:
-        return load_config(preset, overrides or [], files=files or [], ablation=ablation)
+        cfg = load_config(preset, overrides or [], files=files or [], ablation=ablation)
     except ConfigError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from None
+    # Prefect reads its API URL from the environment: a configured server wins over ephemeral mode.
+    if cfg.infra.prefect_api_url and "PREFECT_API_URL" not in os.environ:
+        os.environ["PREFECT_API_URL"] = cfg.infra.prefect_api_url
+    return cfg
 
 
 def _fail(e: Exception) -> typer.Exit:
@@ -401,6 +407,7 @@ def schedule_cmd(
     preset: str = PresetOpt,
     project: Path = typer.Option(Path("."), help="project folder the scheduled runs use"),
     name: Optional[str] = typer.Option(None, help="deployment name (default retrain-<preset>)"),
+    files: Optional[List[Path]] = ConfigOpt,
     register_only: bool = typer.Option(False, "--register-only",
                                        help="register the deployment with the Prefect API and exit "
                                             "(a worker or `prefect deploy` runs it)"),
@@ -412,10 +419,11 @@ def schedule_cmd(
     Prefect server: `prefect server start` locally, or PREFECT_API_URL pointing at yours; to use a
     work pool instead, see infra/prefect/prefect.yaml and `prefect deploy`."""
     _setup_logging()
-    _config(preset, overrides)
+    _config(preset, overrides, files)
     from flows.retrain import register_schedule
 
-    deployment = register_schedule(cron, preset, list(overrides or []), str(project), name)
+    deployment = register_schedule(cron, preset, list(overrides or []), str(project), name,
+                                   config_files=[str(Path(f).resolve()) for f in files or []])
     if register_only:
         dep_id = deployment.apply()
         typer.echo(f"registered deployment {deployment.name!r} ({dep_id}) with cron {cron!r}")

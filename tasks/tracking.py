@@ -102,36 +102,31 @@ def _metric_key(key: str) -> str:
 
 try:
     import mlflow.pyfunc as _pyfunc
+    import pandas as pd
 
     class EmbeddingPyfunc(_pyfunc.PythonModel):
-        """`mlflow.pyfunc.load_model(uri).predict(["text", ...])` -> [n, dim] unit embeddings.
-        A DataFrame works too: column `text`, optional column `instruction` (queries)."""
+        """`mlflow.pyfunc.load_model(uri).predict(["text", ...])` -> [n, dim] unit embeddings."""
 
         def load_context(self, context):
             from tasks.models import Embedder
 
             self.model = Embedder.load(context.artifacts["model"])
 
-        def predict(self, context, model_input, params=None):
-            import pandas as pd
-
-            if isinstance(model_input, pd.DataFrame):
-                texts = model_input["text"].tolist()
-                instr = model_input["instruction"].iloc[0] if "instruction" in model_input else None
-            else:
-                texts, instr = list(model_input), None
-            return self.model.encode(texts, instruction=instr or None, is_query=bool(instr))
+        def predict(self, context, model_input: list[str], params: dict | None = None):
+            """Documents by default; params={"instruction": ...} encodes the texts as queries."""
+            instr = (params or {}).get("instruction")
+            return self.model.encode(list(model_input), instruction=instr or None, is_query=bool(instr))
 
     class RerankerPyfunc(_pyfunc.PythonModel):
-        """`predict(DataFrame[query, document, (instruction)])` -> relevance scores in (0, 1)."""
+        """`predict(DataFrame[query, document])` -> relevance scores in (0, 1); params={"instruction": ...}."""
 
         def load_context(self, context):
             from tasks.models import Reranker
 
             self.model = Reranker.load(context.artifacts["model"])
 
-        def predict(self, context, model_input, params=None):
-            instr = model_input["instruction"].iloc[0] if "instruction" in model_input else None
+        def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+            instr = (params or {}).get("instruction")
             return self.model.score(model_input["query"].tolist(), model_input["document"].tolist(),
                                     instruction=instr)
 except ImportError:  # pragma: no cover - mlflow is a dependency; keep the module importable anyway

@@ -3,7 +3,11 @@ preset: a randomly initialised 2-layer Qwen3), never a hub."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -71,3 +75,37 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+class ScriptedLLM(BaseHTTPRequestHandler):
+    """Answers the configuration and query-generation prompts of the paper's templates."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+        if "select the appropriate option" in system:
+            first = re.search(r"^\s*1\. (.+)$", user.split("**Character**")[-1], re.M).group(1)
+            content = {"Character": first, "Question_Type": "keywords", "Difficulty": "university"}
+        elif "generate a query" in system:
+            passage = user.split("**Passage**")[1].split("**Requirement**")[0].split()
+            content = {"Query": "what do we know about " + " ".join(passage[4:10])}
+        else:
+            content = {}
+        payload = json.dumps({"id": "x", "object": "chat.completion", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": json.dumps(content)}, "finish_reason": "stop"}]})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload.encode())
+
+
+@pytest.fixture(scope="session")
+def llm_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedLLM)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()

@@ -135,7 +135,7 @@ def test_compose_services_have_image_or_build(compose):
 
 def test_compose_images_pinned_as_asked(compose):
     s = compose["services"]
-    assert s["prefect-server"]["image"] == "prefecthq/prefect:3-python3.11"
+    assert s["prefect-server"]["image"] == "prefecthq/prefect:3.8.8-python3.11"
     assert command_list(s["prefect-server"])[:5] == ["prefect", "server", "start", "--host", "0.0.0.0"]
     assert s["minio-init"]["image"].startswith("minio/mc:")
     assert s["minio"]["image"].startswith("minio/minio:RELEASE.")  # not :latest
