@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import mteb
 import numpy as np
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.types import PromptType
@@ -622,8 +623,6 @@ def resolve_tasks(benchmark: str | None = None, tasks: Sequence[Any] | None = No
     """mteb tasks of a named benchmark (`MTEB(eng, v2)`, `MTEB(cmn, v1)`, `MTEB(Multilingual)`,
     `MTEB(Code)`) and/or task names (or ready mteb task objects, kept as they are). Metadata only:
     running a hub task needs its data set (the hub)."""
-    import mteb
-
     out = []
     if benchmark:
         try:
@@ -678,8 +677,6 @@ def _quiet_datasets():
 def run_task(model, task, *, batch_size: int = 32, prediction_folder: str | Path | None = None,
              result_cache: str | Path | None = None) -> dict[str, float]:
     """Evaluate one mteb task with `mteb.evaluate` and flatten its scores."""
-    import mteb
-
     cache = None
     if result_cache is not None:
         from mteb.cache import ResultCache
@@ -838,8 +835,6 @@ def evaluate_model(
             results[name] = run_task(encoder, task, batch_size=batch_size, result_cache=result_cache)
 
     meta = encoder.mteb_model_meta
-    import mteb
-
     record = {
         "model": meta.name, "revision": meta.revision, "dim": dim,
         "reranker": rr.mteb_model_meta.name if rr is not None else None,
@@ -850,7 +845,9 @@ def evaluate_model(
         "max_queries": max_queries, "max_corpus": max_corpus, "max_pairs": max_pairs,
         "task_types": types,
         "task_descriptions": {t.metadata.name: t.metadata.description for t in task_list},
-        "instructions": {t.metadata.name: table.for_task(t.metadata) for t in task_list},
+        # what the encoder prefixed (queries only for retrieval); models without instructions: none
+        "instructions": {t.metadata.name: table.for_task(t.metadata) for t in task_list}
+        if meta.use_instructions else {},
         "results": results,
     }
     out = Path(out) if out else Path("runs") / "eval" / f"{_slug(meta.name)}-{meta.revision[:12]}.json"

@@ -14,6 +14,7 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta
 from mteb.types import PromptType
 
+from tasks.config import EvalConfig
 from tasks.data import DataError, write_jsonl
 from tasks.evaluate import (
     EmbeddingCache, MtebEmbedder, TaskPrompts, beir_task, evaluate_model, evaluate_reranking, log_to_mlflow,
@@ -109,6 +110,10 @@ def test_oracle_encoder_through_mteb_gives_exact_ndcg(tmp_path):
     assert second["ndcg_at_10"] == pytest.approx(INV_LOG2_3, abs=1e-5)  # 0.63093
     assert second["mrr_at_10"] == pytest.approx(0.5, abs=1e-5)
     assert second["recall_at_1"] == 0 and second["recall_at_3"] == pytest.approx(1.0)
+    # the pipeline's path: what to evaluate comes from an EvalConfig
+    res = evaluate_model(OracleEncoder(second=True), eval_cfg=EvalConfig(task_dirs=[str(folder)]),
+                         out=tmp_path / "cfg.json", show=False)
+    assert res["tiny"]["ndcg_at_10"] == pytest.approx(INV_LOG2_3, abs=1e-5)
 
 
 # ---------------------------------------------------------------- reranking
