@@ -50,7 +50,7 @@ from tasks.generate import Generator, GeneratorError, Messages, Secret, build_ge
 
 log = logging.getLogger(__name__)
 
-PROMPT_VERSION = "a1-v1"  # bump whenever a template, an example or a validation rule changes
+PROMPT_VERSION = "a1-v2"  # bump whenever a template, an example or a validation rule changes
 
 KINDS = ("retrieval", "bitext", "sts", "classification")
 
@@ -449,15 +449,30 @@ def expected_scripts(language: str) -> set[str]:
     return LANGUAGE_SCRIPT.get(language.lower(), {"latin"})
 
 
+_DENSE = "[\u3400-\u9fff\u3040-\u30ff\u0e00-\u0e7f\uf900-\ufaff]"  # scripts written without spaces
+
+
 def count_words(text: str) -> int:
-    """Whitespace words; Chinese/Japanese/Thai count ~2 characters per word (they use no spaces)."""
-    dense = len(re.findall(r"[\u3400-\u9fff\u3040-\u30ff\u0e00-\u0e7f\uf900-\ufaff]", text))
-    rest = re.sub(r"[\u3400-\u9fff\u3040-\u30ff\u0e00-\u0e7f\uf900-\ufaff]", " ", text)
-    return len(re.findall(r"\w+", rest)) + math.ceil(dense / 2)
+    """Words; Chinese/Japanese/Thai count ~2 characters per word (they use no spaces)."""
+    dense = len(re.findall(_DENSE, text))
+    return len(re.findall(r"\w+", re.sub(_DENSE, " ", text))) + math.ceil(dense / 2)
 
 
 def _norm_text(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def longest_common_run(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest run of consecutive words shared by `a` and `b`."""
+    best, prev = 0, [0] * (len(b) + 1)
+    for x in a:
+        cur = [0] * (len(b) + 1)
+        for j, y in enumerate(b, 1):
+            if x == y:
+                cur[j] = prev[j - 1] + 1
+                best = max(best, cur[j])
+        prev = cur
+    return best
 
 
 def check_text(text: Any, source: str, *, language: str, what: str = "query", length: int | None = None,
@@ -477,8 +492,12 @@ def check_text(text: Any, source: str, *, language: str, what: str = "query", le
         raise Reject("copied_example", text[:60])
     src = _norm_text(source)
     words = count_words(text)
-    if norm == src or (norm in src and words >= 6) or (src and src in norm):
+    run = longest_common_run(norm.split(), src.split())
+    if norm == src or (src and src in norm) or run >= max(6, 0.6 * len(norm.split())):
         raise Reject("copied_passage", text[:60])
+    tri = [tuple(norm.split()[i:i + 3]) for i in range(len(norm.split()) - 2)]
+    if len(tri) >= 10 and len(set(tri)) < 0.7 * len(tri):  # a small model looping on itself
+        raise Reject(f"repetitive_{what}", text[:60])
     script = dominant_script(text)
     if script is not None and script not in expected_scripts(language):
         raise Reject("wrong_language", f"{script} script, expected {language}")
@@ -673,12 +692,18 @@ def lead_sentences(text: str, *, min_words: int = 8, max_words: int = 40) -> str
 
 
 def truncate_words(text: str, n: int) -> str:
-    words = text.split()
-    if len(words) > 1 and len(words) > n:
-        return " ".join(words[:n])
-    if len(words) <= 1 and len(text) > 2 * n:  # no spaces (Chinese, Japanese): ~2 characters a word
-        return text[: 2 * n]
-    return text
+    """The first `n` words of `text` (as counted by `count_words`), whitespace kept."""
+    if count_words(text) <= n:
+        return text
+    out, used = [], 0.0
+    for m in re.finditer(_DENSE + r"|[^\s" + _DENSE[1:-1] + r"]+|\s+", text):
+        tok = m.group()
+        if not tok.isspace():
+            used += 0.5 if re.fullmatch(_DENSE, tok) else len(re.findall(r"\w+", tok))
+            if used > n:
+                break
+        out.append(tok)
+    return "".join(out).strip()
 
 
 @dataclass

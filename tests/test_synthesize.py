@@ -216,7 +216,9 @@ def test_generated_text_validation():
         (passage, "copied_passage"),
         ("How do mitochondria produce energy for the cell?", "copied_example"),
         ("埃菲尔铁塔有多高", "wrong_language"),
-        ("tower " * 40, "query_too_long"),
+        ("what about the wrought-iron lattice tower on the Champ de Mars", "copied_passage"),
+        ("how tall is it " * 4, "repetitive_query"),
+        (" ".join(f"tower{i}" for i in range(40)), "query_too_long"),
         ("", "empty_query"),
         ("**Passage** tower", "template_echo"),
     ]

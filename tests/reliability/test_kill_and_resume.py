@@ -1,0 +1,100 @@
+"""Faults injected for real: the training process and the flow process are SIGKILLed mid-run;
+re-running resumes from the last checkpoint / the failed stage and loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+Q3E = [sys.executable, "-m", "tasks.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    return env
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
+    t0 = time.time()
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended (rc {proc.returncode}) before the kill point")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("kill point not reached in time")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _train_cmd(out: Path, data: Path) -> list[str]:
+    return [*Q3E, "train", "--preset", "micro", "--stage", "stage2", "--out", str(out), "--data", str(data),
+            "stage2.steps=12", "stage2.checkpoint_every=2", "stage2.keep_checkpoints=2", "stage2.batch_size=8"]
+
+
+def test_training_killed_mid_run_resumes_to_bit_identical_weights(shared_data, tmp_path):
+    data = shared_data / "triplets-en" / "snli_dev_triplets.jsonl"
+    ref = subprocess.run(_train_cmd(tmp_path / "ref", data), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(out, data), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    _kill_when(proc, lambda: (out / "checkpoints" / "step-000006" / "state.json").is_file())
+    assert not (out / "final").exists()
+    resumed = subprocess.run(_train_cmd(out, data), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((out / "final" / "train_summary.json").read_text())
+    assert summary["resumed_from"] >= 6
+    a = load_file(str(tmp_path / "ref" / "final" / "model.safetensors"))
+    b = load_file(str(out / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the loss history of the resumed run is the uninterrupted one, step for step
+    hist = lambda d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert hist(out) == hist(tmp_path / "ref")
+
+
+def test_flow_killed_mid_stage_resumes_at_that_stage(shared_data, tmp_path, llm_url):
+    from dvc.repo import Repo
+
+    from tests.test_pipeline import overrides
+
+    project = tmp_path / "project"
+    project.mkdir()
+    Repo.init(str(project), no_scm=True)
+    cmd = [*Q3E, "run", "--preset", "micro", "--project", str(project),
+           *overrides(shared_data, llm_url, "stage2.steps=40", "stage2.checkpoint_every=4")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ckpts = lambda: list(project.glob("runs/artifacts/stage2/*/checkpoints/step-000008/state.json"))
+    _kill_when(proc, lambda: bool(ckpts()), timeout=600)
+    stage2_dir = ckpts()[0].parents[2]
+    assert not (stage2_dir / "done.json").exists()
+
+    again = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary_file = max(project.glob("runs/runs/*/summary.json"), key=lambda p: p.stat().st_mtime)
+    summary = json.loads(summary_file.read_text())
+    flags = {t["stage"]: t["cached"] for t in summary["stages"]}
+    assert flags["synthesis"] and flags["stage1"] and flags["filter"] and not flags["stage2"]
+    trained = json.loads((stage2_dir / "final" / "train_summary.json").read_text())
+    assert trained["resumed_from"] >= 8  # stage 2 went on from its checkpoint, not from scratch
+    synth = list(project.glob("datasets/synthetic/*/shard-*.jsonl"))
+    lines = [line for f in synth for line in f.read_text().splitlines()]
+    assert len(lines) == len(set(lines))  # no duplicated synthetic record
