@@ -251,6 +251,24 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _load(cls, auto: str, cfg: ModelConfig | str, device, lora: LoraConfig | None):
+    """Resolve the backbone, load it with the transformers Auto class `auto` (safetensors only),
+    optionally wrap it with LoRA, and build `cls` (Embedder or Reranker) around it."""
+    import transformers
+
+    cfg = _model_config(cfg)
+    device = torch.device(device) if device else default_device()
+    path = resolve_backbone(cfg)
+    try:
+        backbone = getattr(transformers, auto).from_pretrained(path, **_load_kwargs(cfg, device))
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot load model: {e}") from e
+    backbone.config.use_cache = False
+    if lora is not None and lora.enabled:
+        backbone = apply_lora(backbone, lora)
+    return cls(backbone, _load_tokenizer(path, cfg), cfg=cfg, source=path).to(device)
+
+
 # ----------------------------------------------------------------------------- embedding model
 
 def format_query(query: str, instruction: str | None) -> str:
@@ -282,19 +300,7 @@ class Embedder(nn.Module):
     @classmethod
     def load(cls, cfg: ModelConfig | str, *, device=None, lora: LoraConfig | None = None) -> "Embedder":
         """Load from a `ModelConfig` or from a path saved by `save` (its q3e.json restores the settings)."""
-        from transformers import AutoModel
-
-        cfg = _model_config(cfg)
-        device = torch.device(device) if device else default_device()
-        path = resolve_backbone(cfg)
-        try:
-            backbone = AutoModel.from_pretrained(path, **_load_kwargs(cfg, device))
-        except OSError as e:
-            raise ModelLoadError(f"{path}: cannot load model: {e}") from e
-        backbone.config.use_cache = False
-        if lora is not None and lora.enabled:
-            backbone = apply_lora(backbone, lora)
-        return cls(backbone, _load_tokenizer(path, cfg), cfg=cfg, source=path).to(device)
+        return _load(cls, "AutoModel", cfg, device, lora)
 
     @property
     def device(self) -> torch.device:
@@ -443,19 +449,8 @@ class Reranker(nn.Module):
 
     @classmethod
     def load(cls, cfg: ModelConfig | str, *, device=None, lora: LoraConfig | None = None) -> "Reranker":
-        from transformers import AutoModelForCausalLM
-
-        cfg = _model_config(cfg)
-        device = torch.device(device) if device else default_device()
-        path = resolve_backbone(cfg)
-        try:
-            backbone = AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(cfg, device))
-        except OSError as e:
-            raise ModelLoadError(f"{path}: cannot load model: {e}") from e
-        backbone.config.use_cache = False
-        if lora is not None and lora.enabled:
-            backbone = apply_lora(backbone, lora)
-        return cls(backbone, _load_tokenizer(path, cfg), cfg=cfg, source=path).to(device)
+        """Load from a `ModelConfig` or a saved reranker folder (the causal LM keeps its LM head)."""
+        return _load(cls, "AutoModelForCausalLM", cfg, device, lora)
 
     @property
     def device(self) -> torch.device:
