@@ -324,6 +324,10 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | str, out_dir: str | Path, *
     out_dir.mkdir(parents=True, exist_ok=True)
 
     n = len(pairs)
+    batch_size = cfg.batch_size
+    if n < batch_size:  # a batch would hold the same pairs several times: in-batch negatives gain nothing
+        log.warning("%s: only %d training pairs; batch size %d -> %d", out_dir, n, batch_size, n)
+        batch_size = n
     step_times: list[float] = []
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"train {out_dir.name}", unit="step")
     for step in range(start, cfg.steps):
@@ -332,7 +336,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | str, out_dir: str | Path, *
         loss_sum, tokens, n_pairs = 0.0, 0, 0
         for micro in range(cfg.grad_accum):
             b = step * cfg.grad_accum + micro
-            chunk = [pairs[i] for i in batch_indices(n, b, cfg.batch_size, cfg.seed)]
+            chunk = [pairs[i] for i in batch_indices(n, b, batch_size, cfg.seed)]
             n_pairs += len(chunk)
             if cfg.objective == "embedding":
                 eb = embedding_batch(chunk, cfg.hard_negatives, cfg.seed, b)
