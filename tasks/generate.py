@@ -19,6 +19,7 @@ Both are built once per Ray worker by `build_generator`; they hold no orchestrat
 from __future__ import annotations
 
 import email.utils
+import inspect
 import logging
 import os
 import random
@@ -110,8 +111,6 @@ class TransformersGenerator:
         self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        import inspect
-
         # transformers >= 5.24 renamed `past_key_values` to `cache`
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         stops = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
@@ -266,6 +265,7 @@ class OpenAIGenerator:
         self.http_retries = http_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.api_key_env = api_key_env
         self._key = api_key if api_key is not None else Secret.from_env(api_key_env)
         headers = {"Content-Type": "application/json"}
         if self._key:
@@ -318,8 +318,10 @@ class OpenAIGenerator:
                 elif r.status_code >= 500:
                     last = f"HTTP {r.status_code}"
                 elif r.status_code >= 400:
+                    hint = f" (no API key: ${self.api_key_env} is not set)" if r.status_code in (401, 403) \
+                        and not self._key else ""
                     raise GeneratorError(self._redact(
-                        f"{self.url}: HTTP {r.status_code} (not retried): {r.text[:300]}"))
+                        f"{self.url}: HTTP {r.status_code} (not retried){hint}: {r.text[:300]}"))
                 else:
                     try:
                         content = r.json()["choices"][0]["message"]["content"]

@@ -1011,6 +1011,7 @@ def synthesize(cfg: SynthConfig, out_dir: str | Path, *, data_root: str | Path |
     _check_manifest(out_dir, manifest)
     missing = [i for i in range(n_shards) if not (out_dir / shard_name(i)).is_file()]
     todo_plans = [pl for i in missing for pl in plans[i * cfg.shard_size:(i + 1) * cfg.shard_size]]
+    log.info("synthesis: %d passages in %d shards, %d to generate -> %s", len(plans), n_shards, len(missing), out_dir)
 
     # Persona retrieval in the driver: one small encoder, one cached persona matrix for all shards.
     retrieval = [pl for pl in todo_plans if pl.kind == "retrieval"]

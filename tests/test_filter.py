@@ -3,7 +3,6 @@ Scores are checked by recomputing them one text at a time with `Embedder.encode`
 
 from __future__ import annotations
 
-import filecmp
 import json
 from pathlib import Path
 

@@ -25,7 +25,7 @@ from tasks.generate import GeneratorError, OpenAIGenerator, Secret, build_genera
 from tasks.synthesize import (
     DIFFICULTIES, INSTRUCTIONS, PROMPT_VERSION, QUESTION_TYPES, Reject, check_text, classification_prompt,
     configuration_prompt, load_passages, make_plan, match_character, normalise_choice, parse_json_answer,
-    query_prompt, synthesize, synthesize_shard,
+    query_prompt, synthesize,
 )
 
 PASSAGES = "passages/en-nq-msmarco.jsonl"
