@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from bench import harness
 
+QUICK_OUT = Path(tempfile.gettempdir()) / "q3e-bench-quick"  # a smoke run never overwrites the real figures
 ORDER = ("train", "gradcache", "encode", "synthesis", "orchestration", "scaling")
 SUMMARY = {n: line.split(None, 1)[1] for line in __doc__.split("Benchmarks")[1].splitlines()[1:]
            if (n := line.strip().split(" ", 1)[0]) in ORDER}
@@ -31,11 +34,15 @@ def _module(name: str):
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds, not a measurement")
-    p.add_argument("--out", type=Path, default=harness.RESULTS, help="results folder (default bench/results)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"results folder (default bench/results; with --quick {QUICK_OUT})")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="MINUTES",
                    help="before measuring, wait up to this long for the 1-minute load average to drop "
                         "below --quiet-load (polled every 2 minutes; default 0 = do not wait)")
     p.add_argument("--quiet-load", type=float, default=1.5, help="load average that counts as quiet (default 1.5)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's, one per core). On a shared machine 1 thread is far "
+                        "less disturbed by other jobs than 2 threads that must wait for each other")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(harness.ROOT))
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else harness.RESULTS
+    if args.threads:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # fresh processes inherit it
+        torch.set_num_threads(args.threads)
     quiet = None
     if args.wait_quiet > 0 and not args.quick:
         quiet = harness.wait_until_quiet(args.quiet_load, 120.0, args.wait_quiet * 60)
@@ -95,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ORDER:
         if name in skip:
             continue
-        sub = build_parser().parse_args([name] + (["--quick"] if args.quick else []) + ["--out", str(args.out)])
+        sub = build_parser().parse_args([name] + (["--quick"] if args.quick else []) + ["--out", str(args.out)]
+                                        + (["--threads", str(args.threads)] if args.threads else []))
         run_one(name, sub, quiet)
     print(f"\nall benchmarks: {time.perf_counter() - t0:.0f} s", flush=True)
     return 0

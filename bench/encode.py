@@ -157,7 +157,7 @@ def render(result: dict[str, Any]) -> str:
            f"min {result['cosine_ours_vs_st']['min']})"]
     if result["variants"]:
         vrows = [[v, r["texts"], r["fp32_texts_per_s"], r["texts_per_s"], f"{r['speedup_vs_fp32']:.2f}x",
-                  r["cosine_vs_fp32"]["mean"], r["cosine_vs_fp32"]["min"], "yes" if r["helpful"] else "no"]
+                  f"{r['cosine_vs_fp32']['mean']:.5f}", f"{r['cosine_vs_fp32']['min']:.5f}", "yes" if r["helpful"] else "no"]
                  for v, r in result["variants"].items()]
         out.append(harness.table(["variant of ours", "texts", "fp32 texts/s", "variant texts/s", "speed-up",
                                   "cosine mean", "cosine min", ">1.2x and cos>0.99"], vrows,

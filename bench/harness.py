@@ -301,11 +301,13 @@ def passages(n: int) -> list[str]:
 
 # ----------------------------------------------------------------------------- output
 
-def fmt(x: Any, spec: str = ".2f") -> str:
+def fmt(x: Any) -> str:
+    """Floats with 3-4 significant digits where they matter (1234.5, 12.35, 0.1235, 0.0012)."""
     if x is None:
         return "-"
     if isinstance(x, float):
-        return format(x, spec)
+        a = abs(x)
+        return f"{x:.1f}" if a >= 100 else f"{x:.2f}" if a >= 1 else f"{x:.4f}" if a >= 1e-4 or a == 0 else f"{x:.2e}"
     return str(x)
 
 

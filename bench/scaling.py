@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def quick_args(args: argparse.Namespace) -> None:
-    args.batch, args.texts, args.repeats = 4, 16, 1
+    args.batch, args.texts, args.repeats, args.no_memory = 4, 16, 1, True
 
 
 def _work(kind: str, size: int) -> Callable[[], Any]:

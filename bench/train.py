@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def quick_args(args: argparse.Namespace) -> None:
-    args.models, args.batch, args.repeats, args.chunk = "micro", 8, 2, 4
+    args.models, args.batch, args.repeats, args.chunk, args.no_memory = "micro", 8, 1, 4, True
 
 
 # ----------------------------------------------------------------------------- the steps
