@@ -9,7 +9,8 @@
 Time: the three sizes of a kind in one process, alternating, after a warm-up, median of
 --repeats. Memory: each (kind, size) once more in a fresh process (peak RSS delta of the work).
 Growth is called linear when t(2x)/t(1x) and t(4x)/t(1x) are within 15% of 2 and 4; the
-exponent k of t ~ size^k is log2(t(4x)/t(1x)) / 2.
+exponent k of t ~ size^k is log2(t(4x)/t(1x)) / 2; a least-squares line t = fixed + per-item x
+size separates the fixed cost of a call from the cost that grows with the data.
 """
 
 from __future__ import annotations
@@ -78,12 +79,19 @@ def probe(kind: str, size: int) -> dict:
     return {"kind": kind, "size": size, "first_s": round(time.perf_counter() - t0, 4)}
 
 
-def growth(t1: float, t2: float, t4: float) -> dict[str, Any]:
+def growth(sizes: list[int], times: list[float]) -> dict[str, Any]:
+    """Ratios, the exponent k of t ~ size^k, and a least-squares fit t = fixed + per_item * size
+    (a positive `fixed` is what makes small sizes look sub-linear)."""
+    t1, t2, t4 = times
     r2, r4 = t2 / t1, t4 / t1
     linear = abs(r2 / 2 - 1) <= 0.15 and abs(r4 / 4 - 1) <= 0.15
     k = math.log2(r4) / 2 if r4 > 0 else float("nan")
     verdict = "linear" if linear else ("sub-linear" if k < 1 else "super-linear")
-    return {"t2x_over_t1x": round(r2, 3), "t4x_over_t1x": round(r4, 3), "exponent": round(k, 3), "verdict": verdict}
+    n = len(sizes)
+    mx, my = sum(sizes) / n, sum(times) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(sizes, times)) / sum((x - mx) ** 2 for x in sizes)
+    return {"t2x_over_t1x": round(r2, 3), "t4x_over_t1x": round(r4, 3), "exponent": round(k, 3), "verdict": verdict,
+            "fit_fixed_s": round(my - slope * mx, 4), "fit_per_item_ms": round(1000 * slope, 4)}
 
 
 def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
@@ -104,7 +112,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
             if not args.no_memory:
                 row["memory"] = harness.fresh_process("bench.scaling:probe", {"kind": kind, "size": s}, log=log)
             rows.append(row)
-        g = growth(*(r["median_s"] for r in rows))
+        g = growth(sizes, [r["median_s"] for r in rows])
         if not args.no_memory:
             m = [max(r["memory"]["step_delta_mb"], 1e-9) for r in rows]
             g["memory_4x_over_1x"] = round(m[2] / m[0], 3)
@@ -123,7 +131,8 @@ def render(result: dict[str, Any]) -> str:
     out = harness.table(["work", "size", "median s", "ms per item", "peak RSS delta MB", "process peak RSS MB"],
                         rows, title="scaling: micro model, 1x / 2x / 4x")
     lines = [f"- {k}: t(2x)/t(1x) {r['growth']['t2x_over_t1x']:.2f}, t(4x)/t(1x) {r['growth']['t4x_over_t1x']:.2f}, "
-             f"exponent {r['growth']['exponent']:.2f} -> {r['growth']['verdict']}"
+             f"exponent {r['growth']['exponent']:.2f} -> {r['growth']['verdict']}; fit t = "
+             f"{r['growth']['fit_fixed_s']:.3f} s + {r['growth']['fit_per_item_ms']:.3f} ms x size"
              + (f"; memory delta 4x/1x {r['growth']['memory_4x_over_1x']:.2f}" if "memory_4x_over_1x" in r["growth"] else "")
              for k, r in result["kinds"].items()]
     return out + "\n\n" + "\n".join(lines)
