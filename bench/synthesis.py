@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="passages per configuration (default 4, so that `all` stays under 20 min on 2 cores; "
                         "8 takes ~8 min)")
     p.add_argument("--shard-size", type=int, default=2, help="passages per shard (default 2: 2 shards, one per worker)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generation cap per answer (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=96,
+                   help="generation cap per answer (default 96, the synth default; 64 cuts configuration answers)")
     p.add_argument("--model", default="bundled:smollm2", help="generator model (default bundled:smollm2)")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
 

@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks import lineage, tracking
 from tasks.config import PipelineConfig, Resources, load_config
 from tasks.distributed import init_ray, run_remote
-from tasks.stages import StageDir, merge_stage, stage_dir, stage_key, timed, train_stage
+from tasks.stages import StageDir, merge_stage, stage_dir, stage_key, timed, train_resources, train_stage
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def stage1(ctx: Context, synth: dict | None) -> dict | None:
     return run_stage.with_options(name=sd.name)(
         ctx, sd, train_stage, (cfg.stage1, cfg.model, str(sd.path)),
         {"extra_data": [synth["shards_dir"]], "data_root": str(ctx.root)},
-        resources=cfg.stage1.resources, params=_section(cfg, "stage1"))
+        resources=train_resources(cfg.stage1), params=_section(cfg, "stage1"))
 
 
 def filtering(ctx: Context, synth: dict | None, s1: dict | None) -> dict | None:
@@ -175,7 +175,7 @@ def stage2(ctx: Context, s1: dict | None, filtered: dict | None) -> dict | None:
     return run_stage.with_options(name=sd.name)(
         ctx, sd, train_stage, (cfg.stage2, cfg.model, str(sd.path)),
         {"init": s1["final"] if s1 else None, "extra_data": extra, "data_root": str(ctx.root)},
-        resources=cfg.stage2.resources, params=_section(cfg, "stage2"))
+        resources=train_resources(cfg.stage2), params=_section(cfg, "stage2"))
 
 
 def merging(ctx: Context, trained: dict | None, merge_cfg, name: str, base: str | None = None) -> dict | None:
@@ -204,7 +204,7 @@ def reranker(ctx: Context, filtered: dict | None) -> dict | None:
     return run_stage.with_options(name=sd.name)(
         ctx, sd, train_stage, (cfg.reranker, cfg.reranker_backbone, str(sd.path)),
         {"extra_data": extra, "data_root": str(ctx.root)},
-        resources=cfg.reranker.resources, params=_section(cfg, "reranker"))
+        resources=train_resources(cfg.reranker), params=_section(cfg, "reranker"))
 
 
 def evaluation(ctx: Context, name: str, model: str, model_key: str, reranker_model: str | None = None,

@@ -113,6 +113,39 @@ class DataSource(Strict):
     symmetric: bool = False
     split: str = "test"
     limit: int | None = Field(None, gt=0)
+    skip_bad_lines: bool = Field(False, description="skip malformed lines (their count is logged) instead of stopping")
+
+
+class DistributedConfig(Strict):
+    """How a training stage runs: `local` = one process (tasks/train.py); `ray_train` = data-parallel
+    Ray Train workers (tasks/ray_train.py): DDP, or DeepSpeed ZeRO-2/3 when `deepspeed` is set."""
+
+    engine: Literal["local", "ray_train"] = "local"
+    num_workers: int = Field(1, gt=0, description="ray_train: training processes (one per GPU when use_gpu)")
+    use_gpu: bool = False
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl with GPUs, gloo on CPU")
+    deepspeed: str | None = Field(None, description="zero2 | zero3 | a DeepSpeed JSON file; null = DDP")
+    resources_per_worker: dict[str, float] = Field({"CPU": 1.0}, description="Ray resources of each worker")
+    gather_negatives: bool = Field(
+        True, description="in-batch negatives from every worker's slice (the global batch, as on one device); "
+                          "false = each worker's own slice only")
+    max_failures: int = Field(0, ge=0, description="worker-group restarts after a failure, each resuming from "
+                                                   "the newest checkpoint")
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_name(cls, v: str | None) -> str | None:
+        if v is not None and v not in ("zero2", "zero3") and not v.endswith(".json"):
+            raise ValueError(f"deepspeed must be zero2, zero3 or a path to a .json file, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DistributedConfig":
+        if self.backend == "nccl" and not self.use_gpu:
+            raise ValueError("backend nccl needs use_gpu: true (gloo is the CPU backend)")
+        if self.engine == "local" and (self.num_workers > 1 or self.deepspeed):
+            raise ValueError("num_workers > 1 and deepspeed need engine: ray_train")
+        return self
 
 
 class TrainConfig(Strict):
@@ -140,6 +173,14 @@ class TrainConfig(Strict):
     loss: LossConfig = LossConfig()
     two_token: bool = Field(False, description="reranker: softmax over yes/no only instead of the vocabulary")
     resources: Resources = Resources()
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _batch_fills_workers(self) -> "TrainConfig":
+        if self.distributed.engine == "ray_train" and self.batch_size % self.distributed.num_workers:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of distributed.num_workers "
+                             f"{self.distributed.num_workers}: every worker takes an equal slice of the batch")
+        return self
 
 
 class MergeConfig(Strict):
@@ -160,7 +201,7 @@ class MergeConfig(Strict):
 # ----------------------------------------------------------------------------- synthesis / filtering / eval
 
 class GeneratorConfig(Strict):
-    backend: Literal["transformers", "openai"] = "transformers"
+    backend: Literal["transformers", "openai", "vllm"] = "transformers"
     model: str = "bundled:smollm2"
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
@@ -176,8 +217,15 @@ class GeneratorConfig(Strict):
     max_backoff_s: float = Field(30.0, ge=0)
     json_prefill: bool | None = Field(
         None, description="start each answer with the JSON's first key (helps small models keep the format); "
-                          "null = on for transformers, off for openai (needs a server that continues a final "
-                          "assistant message, e.g. vLLM)")
+                          "null = on for transformers and vllm, off for openai (needs a server that "
+                          "continues a final assistant message, e.g. vLLM)")
+    chat_template_kwargs: dict[str, Any] = Field(
+        {}, description="variables of the model's chat template, e.g. {enable_thinking: false} for Qwen3 "
+                        "(else its thinking fills max_new_tokens before the JSON); openai: sent as "
+                        "chat_template_kwargs (vLLM, SGLang)")
+    vllm_args: dict[str, Any] = Field(
+        {}, description="vllm backend: keyword arguments of vllm.LLM (tensor_parallel_size, "
+                        "gpu_memory_utilization, max_model_len, ...); not in a synthesis folder's manifest")
 
 
 class SynthConfig(Strict):
@@ -199,6 +247,9 @@ class SynthConfig(Strict):
         description="classification: the label set")
     max_passage_words: int = Field(256, gt=0, description="passages are cut to this many words in prompts")
     shard_size: int = Field(16, gt=0)
+    engine: Literal["actors", "ray_data"] = Field(
+        "actors", description="actors: a pool of Ray actors pulls shard after shard; ray_data: the plans are "
+                              "a Ray Data dataset streamed through map_batches (same shards, same records)")
     workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)

@@ -6,10 +6,11 @@
 the result has one completion per conversation, in order. A conversation that ends with an
 assistant message is a *prefill*: the model continues that message and the completion returned
 includes it (`{"Query": "` + what the model wrote). A prefill that opens a JSON object also stops
-generation once the object is closed. Two backends:
+generation once the object is closed. Three backends:
 
 - `TransformersGenerator`: a local causal LM (default: the bundled SmolLM2-135M-Instruct), chat
   template, batched left-padded sampling; the seed makes a call reproducible.
+- `VLLMGenerator`: the same prompts through vLLM's offline engine on the worker's GPU(s).
 - `OpenAIGenerator`: any OpenAI-compatible server (`POST {base_url}/chat/completions`: vLLM, SGLang,
   llama.cpp server, OpenAI, ...) with bounded concurrency and retries.
 
@@ -83,7 +84,7 @@ class TransformersGenerator:
 
     def __init__(self, model: str = "bundled:smollm2", *, batch_size: int = 8, top_p: float = 0.95,
                  dtype: str = "auto", device: str | None = None, max_input_tokens: int = 4096,
-                 min_prefix_tokens: int = 32):
+                 min_prefix_tokens: int = 32, chat_template_kwargs: dict | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -94,6 +95,7 @@ class TransformersGenerator:
         self.batch_size = batch_size
         self.top_p = top_p
         self.max_input_tokens = max_input_tokens
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.min_prefix_tokens = min_prefix_tokens  # shorter shared prefixes are not worth caching
         self._prefix = None  # (token ids, DynamicCache) of the last shared prompt prefix
         self.device = torch.device(device) if device else default_device()
@@ -128,7 +130,7 @@ class TransformersGenerator:
 
         prefills = [prefill_of(m) for m in prompts]
         texts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=not p,
-                                                    continue_final_message=bool(p))
+                                                    continue_final_message=bool(p), **self.chat_template_kwargs)
                  for m, p in zip(prompts, prefills)]
         limit = self.max_input_tokens
         context = getattr(self.model.config, "max_position_embeddings", None)
@@ -236,6 +238,61 @@ def _json_stop(tokenizer, prefills: list[str], start: int):
     return JsonClosed()
 
 
+# ----------------------------------------------------------------------------- vLLM on the worker's GPU
+
+class VLLMGenerator:
+    """Offline generation with vLLM (`pip install .[gpu]`), for GPU workers.
+
+    Prompts are rendered with the tokenizer's chat template as in TransformersGenerator, cut from
+    the left to fit the context, and handed to vLLM in one call: its scheduler batches them
+    continuously. Every request carries the call's seed, so a completion depends on its prompt and
+    the seed, not on the other prompts of the call. `engine_args` go to `vllm.LLM`
+    (tensor_parallel_size, gpu_memory_utilization, max_model_len, ...)."""
+
+    def __init__(self, model: str = "bundled:smollm2", *, top_p: float = 0.95, max_input_tokens: int = 4096,
+                 chat_template_kwargs: dict | None = None, **engine_args):
+        try:
+            import vllm
+        except ImportError as e:
+            raise GeneratorError("synth.generator.backend 'vllm' needs the vllm package, which is not "
+                                 "installed here: pip install '.[gpu]' on the GPU workers (or use the "
+                                 "'openai' backend against a served model)") from e
+        from tasks.config import ModelConfig
+        from tasks.models import resolve_backbone
+
+        self.name = model
+        self.top_p = top_p
+        self.max_input_tokens = max_input_tokens
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.llm = vllm.LLM(model=resolve_backbone(ModelConfig(backbone=model)), **engine_args)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def __repr__(self) -> str:
+        return f"VLLMGenerator({self.name!r})"
+
+    def generate(self, prompts: list[Messages], *, seed: int, temperature: float,
+                 max_new_tokens: int) -> list[str]:
+        from vllm import SamplingParams
+
+        context = self.llm.llm_engine.model_config.max_model_len
+        limit = max(16, min(self.max_input_tokens, context - max_new_tokens))  # room for the answer
+        prefills = [prefill_of(m) for m in prompts]
+        requests, params = [], []
+        for m, prefill in zip(prompts, prefills):
+            text = self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=not prefill,
+                                                      continue_final_message=bool(prefill),
+                                                      **self.chat_template_kwargs)
+            # Keep the end of a too-long prompt: it holds the passage's tail and the assistant turn marker.
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            requests.append({"prompt_token_ids": ids[-limit:]})
+            # A prefill opens a flat JSON object: its first `}` closes it (vLLM has no stopping callback).
+            stop = ["}"] if prefill.lstrip().startswith("{") else None
+            params.append(SamplingParams(temperature=temperature, top_p=self.top_p, max_tokens=max_new_tokens,
+                                         seed=seed, stop=stop, include_stop_str_in_output=True))
+        outs = self.llm.generate(requests, params, use_tqdm=False)
+        return [(prefill + out.outputs[0].text).strip() for prefill, out in zip(prefills, outs)]
+
+
 # ----------------------------------------------------------------------------- OpenAI-compatible server
 
 class OpenAIGenerator:
@@ -252,7 +309,7 @@ class OpenAIGenerator:
     def __init__(self, base_url: str, model: str, *, api_key: Secret | None = None,
                  api_key_env: str = "OPENAI_API_KEY", top_p: float = 0.95, concurrency: int = 4,
                  http_retries: int = 5, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
-                 timeout_s: float = 60.0, transport=None):
+                 timeout_s: float = 60.0, chat_template_kwargs: dict | None = None, transport=None):
         import httpx
 
         if not base_url:
@@ -265,6 +322,7 @@ class OpenAIGenerator:
         self.http_retries = http_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.api_key_env = api_key_env
         self._key = api_key if api_key is not None else Secret.from_env(api_key_env)
         headers = {"Content-Type": "application/json"}
@@ -288,6 +346,8 @@ class OpenAIGenerator:
                     "max_tokens": max_new_tokens, "seed": seed}
             if prefill_of(m):  # vLLM/SGLang extension: continue the final assistant message
                 body |= {"continue_final_message": True, "add_generation_prompt": False}
+            if self.chat_template_kwargs:  # vLLM/SGLang extension, e.g. {"enable_thinking": false}
+                body["chat_template_kwargs"] = self.chat_template_kwargs
             bodies.append(body)
         if len(bodies) <= 1 or self.concurrency == 1:
             outs = [self._complete(b) for b in bodies]
@@ -360,8 +420,13 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 def build_generator(cfg: GeneratorConfig, *, api_key: Secret | None = None) -> Generator:
     """The backend `cfg` names. Called once per Ray worker."""
+    template = cfg.chat_template_kwargs
     if cfg.backend == "transformers":
-        return TransformersGenerator(cfg.model, batch_size=cfg.batch_size, top_p=cfg.top_p)
+        return TransformersGenerator(cfg.model, batch_size=cfg.batch_size, top_p=cfg.top_p,
+                                     chat_template_kwargs=template)
+    if cfg.backend == "vllm":
+        return VLLMGenerator(cfg.model, top_p=cfg.top_p, chat_template_kwargs=template, **cfg.vllm_args)
     return OpenAIGenerator(cfg.base_url or "", cfg.model, api_key=api_key, api_key_env=cfg.api_key_env,
                            top_p=cfg.top_p, concurrency=cfg.concurrency, http_retries=cfg.http_retries,
-                           backoff_s=cfg.backoff_s, max_backoff_s=cfg.max_backoff_s, timeout_s=cfg.timeout_s)
+                           backoff_s=cfg.backoff_s, max_backoff_s=cfg.max_backoff_s, timeout_s=cfg.timeout_s,
+                           chat_template_kwargs=template)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.config import DataSource, ModelConfig, TrainConfig
+from tasks.config import DataSource, ModelConfig, Resources, TrainConfig
 from tasks.data import atomic_write_text
 
 # Bump when a stage's output format or semantics change, so old artifacts are not reused.
@@ -72,9 +72,17 @@ def stage_dir(base: Path, name: str, key: str, folder: str | None = None) -> Sta
 
 # ----------------------------------------------------------------------------- entry points (run on Ray)
 
+def train_resources(cfg: TrainConfig) -> Resources | None:
+    """The Ray task a training stage runs in; None = run it in the driver: with
+    `distributed.engine: ray_train`, Ray Train places its own workers (a task holding the CPUs
+    would leave none for them)."""
+    return None if cfg.distributed.engine == "ray_train" else cfg.resources
+
+
 def train_stage(cfg: TrainConfig, model_cfg: ModelConfig, out_dir: str, *, init: str | None = None,
                 extra_data: list[str] | None = None, data_root: str | None = None) -> dict:
-    """Train one stage; `extra_data` = folders of synthetic shards appended to the stage's data."""
+    """Train one stage; `extra_data` = folders of synthetic shards appended to the stage's data.
+    The engine (one process, or Ray Train workers) is `cfg.distributed.engine`."""
     from tasks.train import train
 
     sources = list(cfg.data) + [DataSource(path=p) for p in (extra_data or [])]

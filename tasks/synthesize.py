@@ -22,6 +22,10 @@ Layout of `out_dir`:
 Shard i holds passages [i*shard_size, (i+1)*shard_size) and is a deterministic function of those
 passages, the config and the seed; a rerun generates only missing shards, so a killed-and-resumed
 run ends with the same files as an uninterrupted one.
+
+Two engines run the shards (`synth.engine`), with the same files as a result: `actors`, a pool of
+Ray actors that pull shard after shard, and `ray_data`, where the plans are a Ray Data dataset
+(one block per shard) streamed through `map_batches` on an actor pool, for large corpora.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -38,7 +43,7 @@ import re
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -865,6 +870,68 @@ class SynthWorker:
         return {"accepted": accepted, "rejected": rejected, "seconds": time.perf_counter() - t0}
 
 
+class SynthShards(SynthWorker):
+    """The `map_batches` UDF of the ray_data engine: a batch holds whole shards' plans (one row per
+    passage); it returns one row per shard with its records as JSON text (their fields vary by task
+    kind, which a columnar block handles badly)."""
+
+    def __init__(self, factory: Callable[[], Generator], num_threads: int, cfg: SynthConfig, prefill: bool):
+        super().__init__(factory, num_threads)
+        self.cfg = cfg
+        self.prefill = prefill
+
+    def __call__(self, batch) -> dict[str, list]:
+        out: dict[str, list] = {"shard": [], "passages": [], "accepted": [], "rejected": [], "seconds": []}
+        for shard, rows in itertools.groupby(batch.to_pylist(), key=lambda r: r["shard"]):
+            plans = [plan_from_row(r) for r in rows]
+            result = self.run(shard, plans, self.cfg, self.prefill)
+            out["shard"].append(shard)
+            out["passages"].append(len(plans))
+            out["accepted"].append(json.dumps(result["accepted"], ensure_ascii=False))
+            out["rejected"].append(json.dumps(result["rejected"], ensure_ascii=False))
+            out["seconds"].append(result["seconds"])
+        return out
+
+
+def plan_row(plan: Plan, shard: int) -> dict[str, Any]:
+    """A plan as a Ray Data row (the passage becomes a struct column)."""
+    return {"shard": shard, **asdict(plan)}
+
+
+def plan_from_row(row: dict[str, Any]) -> Plan:
+    fields = {k: v for k, v in row.items() if k != "shard"}
+    return Plan(**fields | {"passage": Passage(**row["passage"]), "personas": list(row["personas"] or [])})
+
+
+def run_on_ray_data(shards: dict[int, list[Plan]], cfg: SynthConfig, init_args: tuple, *,
+                    on_result: Callable[[int, dict[str, Any]], None], progress: bool = True) -> None:
+    """Synthesise `shards` (index -> plans) with Ray Data: one block per shard, `map_batches` of
+    `SynthShards` on `cfg.workers` actors with `batch_size=shard_size`, so every batch is one whole
+    shard (Ray Data joins blocks smaller than a batch, and only the corpus's last shard is short)
+    and its records equal the actor engine's. `on_result(shard, result)` runs in the driver as
+    shards stream out; a failure stops the run, losing only the shards still in flight."""
+    import pyarrow as pa
+    import ray.data
+
+    rows = {i: [plan_row(p, i) for p in plans] for i, plans in shards.items()}
+    schema = pa.Table.from_pylist([r for shard_rows in rows.values() for r in shard_rows]).schema
+    ds = ray.data.from_arrow([pa.Table.from_pylist(r, schema=schema) for r in rows.values()])
+    pool = ray.data.ActorPoolStrategy(size=min(cfg.workers, len(rows)))
+    ds = ds.map_batches(SynthShards, fn_constructor_args=init_args, batch_size=cfg.shard_size,
+                        batch_format="pyarrow", compute=pool, num_cpus=cfg.cpus_per_worker,
+                        num_gpus=cfg.gpus_per_worker)
+    ctx = ds.context
+    ctx.raise_original_map_exception = True  # a GeneratorError reaches the caller as itself
+    ctx.enable_progress_bars = ctx.print_on_execution_start = progress
+    for row in ds.iter_rows():
+        i = int(row["shard"])
+        if row["passages"] != len(shards[i]):
+            raise RuntimeError(f"Ray Data gave a worker part of shard {i} ({row['passages']} of "
+                               f"{len(shards[i])} passages); the shard was not written")
+        on_result(i, {"accepted": json.loads(row["accepted"]), "rejected": json.loads(row["rejected"]),
+                      "seconds": row["seconds"]})
+
+
 # ----------------------------------------------------------------------------- Ray plumbing (shared with filter.py)
 
 @contextmanager
@@ -956,10 +1023,13 @@ def rejected_name(i: int) -> str:
 def _content_settings(cfg: SynthConfig) -> dict[str, Any]:
     """The settings the shards' content depends on (not where or how fast it runs)."""
     d = cfg.model_dump(mode="json")
-    for k in ("enabled", "workers", "cpus_per_worker", "gpus_per_worker", "num_passages"):
+    for k in ("enabled", "engine", "workers", "cpus_per_worker", "gpus_per_worker", "num_passages"):
         d.pop(k, None)
-    for k in ("base_url", "api_key_env", "concurrency", "timeout_s", "http_retries", "backoff_s", "max_backoff_s"):
+    for k in ("base_url", "api_key_env", "concurrency", "timeout_s", "http_retries", "backoff_s",
+              "max_backoff_s", "vllm_args"):
         d["generator"].pop(k, None)
+    if not d["generator"]["chat_template_kwargs"]:  # absent when unused: older folders still resume
+        del d["generator"]["chat_template_kwargs"]
     return d
 
 
@@ -981,7 +1051,7 @@ def _check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
 
 def _use_prefill(cfg: SynthConfig) -> bool:
     g = cfg.generator
-    return g.json_prefill if g.json_prefill is not None else g.backend == "transformers"
+    return g.json_prefill if g.json_prefill is not None else g.backend in ("transformers", "vllm")
 
 
 def synthesize(cfg: SynthConfig, out_dir: str | Path, *, data_root: str | Path | None = None,
@@ -1036,12 +1106,17 @@ def synthesize(cfg: SynthConfig, out_dir: str | Path, *, data_root: str | Path |
         factory = generator_factory or functools.partial(
             build_generator, cfg.generator, api_key=Secret.from_env(cfg.generator.api_key_env))
         prefill = _use_prefill(cfg)
-        tasks = [(i, "run", (i, plans[i * cfg.shard_size:(i + 1) * cfg.shard_size], cfg, prefill))
-                 for i in missing]
+        threads = max(1, round(cfg.cpus_per_worker))
+        shards = {i: plans[i * cfg.shard_size:(i + 1) * cfg.shard_size] for i in missing}
         with ray_session(ray_address, num_cpus=num_cpus or max(1, math.ceil(cfg.workers * cfg.cpus_per_worker))):
-            run_on_actors(SynthWorker, (factory, max(1, round(cfg.cpus_per_worker))), tasks,
-                          workers=cfg.workers, num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
-                          on_result=write, progress=progress, desc="synth", total=n_shards)
+            if cfg.engine == "ray_data":
+                run_on_ray_data(shards, cfg, (factory, threads, cfg, prefill), on_result=write,
+                                progress=progress)
+            else:
+                tasks = [(i, "run", (i, shard, cfg, prefill)) for i, shard in shards.items()]
+                run_on_actors(SynthWorker, (factory, threads), tasks, workers=cfg.workers,
+                              num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, on_result=write,
+                              progress=progress, desc="synth", total=n_shards)
     seconds = time.perf_counter() - t0
     stats = shard_stats(out_dir, n_shards)
     new_accepted = sum(1 for i in missing for _ in iter_jsonl(out_dir / shard_name(i)))

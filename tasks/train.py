@@ -280,54 +280,32 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | str, out_dir: str | Path, *
     """Train one stage. `init` = a saved model folder to start from (e.g. the stage-1 model);
     otherwise `model_cfg`'s backbone. `pairs` overrides `cfg.data`. Resumes from the newest
     checkpoint in `out_dir`; returns at once if `out_dir/final` is complete. `stop_after`
-    stops (as if interrupted) after that many steps: for tests of resumption."""
+    stops (as if interrupted) after that many steps: for tests of resumption.
+    `cfg.distributed.engine: ray_train` runs the same recipe on Ray Train workers instead."""
     from tqdm.auto import tqdm
 
+    if cfg.distributed.engine == "ray_train":
+        from tasks.ray_train import train_distributed
+
+        return train_distributed(cfg, model_cfg, out_dir, init=init, pairs=pairs, data_root=data_root,
+                                 stop_after=stop_after)
     out_dir = Path(out_dir)
-    final = out_dir / "final"
-    if (final / "train_summary.json").is_file():
-        summary = json.loads((final / "train_summary.json").read_text())
-        log.info("%s: already trained (%d steps), nothing to do", out_dir, summary["steps"])
-        return TrainResult(out_dir, final, [Path(p) for p in summary["checkpoints"]],
-                           _read_history(out_dir), summary["seconds_per_step"], summary["peak_memory_mb"],
-                           skipped=True)
+    done = finished_result(out_dir)
+    if done is not None:
+        return done
     if pairs is None:
         pairs = load_sources(cfg.data, data_root)
     if not pairs:
         raise ValueError(f"{out_dir}: no training pairs (data: {[d.path for d in cfg.data]})")
 
     torch.manual_seed(cfg.seed)
-    mcfg = _model_config(init) if init is not None else _model_config(model_cfg)
-    cls = Embedder if cfg.objective == "embedding" else Reranker
-    model = cls.load(mcfg, device=device, lora=cfg.lora)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-
-    start = 0
-    history: list[dict] = []
-    existing = list_checkpoints(out_dir)
-    if existing:
-        ckpt = existing[-1]
-        _load_checkpoint_weights(model, ckpt, cfg)
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location=model.device)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        start = json.loads((ckpt / "state.json").read_text())["step"]
-        history = _read_history(out_dir)[: json.loads((ckpt / "state.json").read_text())["history_len"]]
-        log.info("%s: resuming from %s (step %d of %d)", out_dir, ckpt.name, start, cfg.steps)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(cfg, model_cfg, init, device)
+    params, optimizer, scheduler = build_optimizer(model, cfg)
+    start, history = resume(model, optimizer, scheduler, out_dir, cfg)
+    write_history(out_dir, history)  # drop lines of steps after the checkpoint (a crashed run's)
 
     n = len(pairs)
-    batch_size = cfg.batch_size
-    if n < batch_size:  # a batch would hold the same pairs several times: in-batch negatives gain nothing
-        log.warning("%s: only %d training pairs; batch size %d -> %d", out_dir, n, batch_size, n)
-        batch_size = n
+    batch_size = effective_batch_size(n, cfg, out_dir)
     step_times: list[float] = []
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"train {out_dir.name}", unit="step")
     for step in range(start, cfg.steps):
@@ -353,12 +331,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | str, out_dir: str | Path, *
         scheduler.step()
         dt = time.perf_counter() - t0
         step_times.append(dt)
-        rec = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt,
-               "pairs_per_s": n_pairs / dt}
-        if cfg.objective == "embedding":
-            rec["texts_per_s"] = tokens / dt
-        else:
-            rec["tokens_per_s"] = tokens / dt
+        rec = step_record(cfg, step + 1, loss_sum, lr, grad_norm, dt, n_pairs, tokens)
         history.append(rec)
         _append_history(out_dir, rec)
         if on_log and (step + 1) % cfg.log_every == 0:
@@ -371,12 +344,80 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | str, out_dir: str | Path, *
             bar.close()
             raise TrainingInterrupted(step + 1)
     bar.close()
+    return write_final(model, out_dir, cfg, history, n, step_times, start)
 
-    # rewrite history to exactly what this (possibly resumed) run contains
-    atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+def finished_result(out_dir: Path) -> TrainResult | None:
+    """The result of a training run whose `final/` is complete, else None."""
+    final = out_dir / "final"
+    if not (final / "train_summary.json").is_file():
+        return None
+    summary = json.loads((final / "train_summary.json").read_text())
+    log.info("%s: already trained (%d steps), nothing to do", out_dir, summary["steps"])
+    return TrainResult(out_dir, final, [Path(p) for p in summary["checkpoints"]],
+                       _read_history(out_dir), summary["seconds_per_step"], summary["peak_memory_mb"],
+                       skipped=True)
+
+
+def load_model(cfg: TrainConfig, model_cfg: ModelConfig | str, init: str | Path | None, device=None):
+    """The model a stage trains, in training mode: `init` if given, else `model_cfg`'s backbone."""
+    mcfg = _model_config(init) if init is not None else _model_config(model_cfg)
+    cls = Embedder if cfg.objective == "embedding" else Reranker
+    model = cls.load(mcfg, device=device, lora=cfg.lora)
+    model.train()
+    return model
+
+
+def build_optimizer(model, cfg: TrainConfig):
+    """(trainable params, AdamW without weight decay on biases/norms, warm-up + cosine LambdaLR)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+    return params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+def resume(model, optimizer, scheduler, out_dir: Path, cfg: TrainConfig) -> tuple[int, list[dict]]:
+    """Load the newest complete checkpoint of `out_dir`, if any; returns (its step, the history up to it)."""
+    existing = list_checkpoints(out_dir)
+    if not existing:
+        return 0, []
+    ckpt = existing[-1]
+    _load_checkpoint_weights(model, ckpt, cfg)
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location=model.device)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"].cpu())
+    meta = json.loads((ckpt / "state.json").read_text())
+    log.info("%s: resuming from %s (step %d of %d)", out_dir, ckpt.name, meta["step"], cfg.steps)
+    return meta["step"], _read_history(out_dir)[: meta["history_len"]]
+
+
+def effective_batch_size(n: int, cfg: TrainConfig, out_dir: Path) -> int:
+    if n < cfg.batch_size:  # a batch would hold the same pairs several times: in-batch negatives gain nothing
+        log.warning("%s: only %d training pairs; batch size %d -> %d", out_dir, n, cfg.batch_size, n)
+        return n
+    return cfg.batch_size
+
+
+def step_record(cfg: TrainConfig, step: int, loss: float, lr: float, grad_norm: float, dt: float,
+                n_pairs: int, count: int) -> dict:
+    """One line of metrics.jsonl; `count` = texts encoded (embedding) or tokens (reranker)."""
+    rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt,
+           "pairs_per_s": n_pairs / dt}
+    rec["texts_per_s" if cfg.objective == "embedding" else "tokens_per_s"] = count / dt
+    return rec
+
+
+def write_final(model, out_dir: Path, cfg: TrainConfig, history: list[dict], n: int,
+                step_times: list[float], start: int) -> TrainResult:
+    """Write `out_dir/final` (model, loss plot, train_summary.json) atomically; the run's result."""
+    write_history(out_dir, history)
     checkpoints = [c / "model" for c in list_checkpoints(out_dir)]
     sps = float(np.median(step_times)) if step_times else 0.0
     peak = _peak_memory_mb(model.device)
+    final = out_dir / "final"
     tmp = final.with_name("final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(tmp)
@@ -396,6 +437,14 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, step: int):
         super().__init__(f"training stopped after step {step} (stop_after)")
         self.step = step
+
+    def __reduce__(self):  # crosses processes (Ray Train workers): rebuild it from the step
+        return TrainingInterrupted, (self.step,)
+
+
+def write_history(out_dir: Path, history: list[dict]) -> None:
+    """metrics.jsonl = exactly `history` (atomic)."""
+    atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
 
 def _append_history(out_dir: Path, rec: dict) -> None:
