@@ -88,6 +88,10 @@ def train_cmd(
     if data:
         tcfg = tcfg.model_copy(update={"data": [DataSource(path=d) for d in data]})
     model_cfg = cfg.reranker_backbone if tcfg.objective == "reranker" else cfg.model
+    if tcfg.distributed.engine == "ray_train":  # the workers run on infra.ray_address (or a local Ray)
+        from tasks.distributed import init_ray
+
+        init_ray(cfg.infra.ray_address, cfg.infra.ray_num_cpus)
     try:
         res = train(tcfg, model_cfg, out, init=init)
     except (DataError, ValueError, FileNotFoundError) as e:

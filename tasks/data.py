@@ -1,20 +1,31 @@
 """Training and evaluation data: pairs JSONL (ms-swift, FlagEmbedding, triplets) and BEIR folders.
 
 Every reader checks what it reads where it reads it: an error names the file, the line and the
-field. `skip_bad_lines=True` skips (and counts) malformed lines instead of stopping.
+field. `skip_bad_lines=True` (or `skip_bad_lines: true` on a data source) skips malformed lines
+instead, and says how many it skipped.
+
+Training pairs stream from disk: `load_source` indexes a JSONL file once (validating every line)
+and keeps only the byte offset of each pair's line, so a training set larger than memory is read
+line by line in whatever order the trainer asks for.
 """
 
 from __future__ import annotations
 
-import csv
+import bisect
+import itertools
 import json
+import logging
 import os
 import tempfile
+from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from tasks.config import DataSource
+from tasks.diskspace import ensure_free_space
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -50,47 +61,86 @@ class ReadReport:
     path: str
     lines: int = 0
     records: int = 0
-    skipped: list[str] = field(default_factory=list)  # the error message of each skipped line
+    n_skipped: int = 0
+    skipped: list[str] = field(default_factory=list)  # the error messages of the first skipped lines
+
+    MAX_MESSAGES = 100  # a huge, dirty file must not fill memory with messages
+
+
+def _skip_or_raise(error: str, skip_bad_lines: bool, report: ReadReport) -> None:
+    if not skip_bad_lines:
+        raise DataError(error)
+    report.n_skipped += 1
+    if len(report.skipped) < report.MAX_MESSAGES:
+        report.skipped.append(error)
+
+
+def _log_skipped(report: ReadReport) -> None:
+    if report.n_skipped:
+        log.warning("%s: skipped %d bad line(s) of %d (skip_bad_lines); first: %s", report.path,
+                    report.n_skipped, report.lines, report.skipped[0])
 
 
 # ----------------------------------------------------------------------------- JSONL
+
+def _parse_line(raw: bytes, where: str) -> dict[str, Any] | None:
+    """The JSON object on one line of a JSONL file; None for a blank line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+    text = text.lstrip("\ufeff")  # a byte-order mark left by some editors
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting too deep
+        raise DataError(f"{where}: unreadable JSON ({type(e).__name__}: {str(e)[:80]})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _jsonl_records(path: Path, skip_bad_lines: bool, report: ReadReport) -> Iterator[tuple[int, int, dict]]:
+    """(line number, byte offset of the line, object) for each non-blank line, streamed."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            report.lines = lineno
+            try:
+                obj = _parse_line(raw, f"{path}:{lineno}")
+            except DataError as e:
+                _skip_or_raise(str(e), skip_bad_lines, report)
+                continue
+            if obj is not None:
+                report.records += 1
+                yield lineno, start, obj
+
 
 def iter_jsonl(path: str | Path, *, skip_bad_lines: bool = False,
                report: ReadReport | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; streams, never loads the whole file."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
     report = report if report is not None else ReadReport(str(path))
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            report.lines = lineno
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                err = f"{path}:{lineno}: not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})"
-                if skip_bad_lines:
-                    report.skipped.append(err)
-                    continue
-                raise DataError(err) from None
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                err = f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
-                if skip_bad_lines:
-                    report.skipped.append(err)
-                    continue
-                raise DataError(err) from None
-            if not isinstance(obj, dict):
-                err = f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
-                if skip_bad_lines:
-                    report.skipped.append(err)
-                    continue
-                raise DataError(err)
-            report.records += 1
-            yield lineno, obj
+    for lineno, _, obj in _jsonl_records(path, skip_bad_lines, report):
+        yield lineno, obj
+
+
+def _check_str(value: Any, name: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: field {name} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON can escape a lone surrogate (\\ud800), which is no text
+        raise DataError(f"{where}: field {name} is not valid Unicode (lone surrogate)") from None
+    return value
 
 
 def _text(obj: dict, key: str, where: str, *, required: bool = True) -> str | None:
@@ -98,12 +148,7 @@ def _text(obj: dict, key: str, where: str, *, required: bool = True) -> str | No
         if required:
             raise DataError(f"{where}: missing field {key!r}")
         return None
-    value = obj[key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DataError(f"{where}: field {key!r} is empty")
-    return value
+    return _check_str(obj[key], repr(key), where)
 
 
 def _texts(obj: dict, key: str, where: str) -> list[str]:
@@ -112,12 +157,7 @@ def _texts(obj: dict, key: str, where: str) -> list[str]:
         value = [value]
     if not isinstance(value, list):
         raise DataError(f"{where}: field {key!r} must be a list of strings, got {type(value).__name__}")
-    for i, v in enumerate(value):
-        if not isinstance(v, str):
-            raise DataError(f"{where}: field {key!r}[{i}] must be a string, got {type(v).__name__}")
-        if not v.strip():
-            raise DataError(f"{where}: field {key!r}[{i}] is empty")
-    return value
+    return [_check_str(v, f"{key!r}[{i}]", where) for i, v in enumerate(value)]
 
 
 def pairs_from_record(obj: dict[str, Any], where: str, *, instruction: str | None = None,
@@ -128,10 +168,12 @@ def pairs_from_record(obj: dict[str, Any], where: str, *, instruction: str | Non
     triplets `{"anchor", "positive", "negative"?}`.
     A record's own `instruction`/`prompt` overrides the source's."""
     own_instruction = obj.get("instruction") or obj.get("prompt")
-    if own_instruction is not None and not isinstance(own_instruction, str):
-        raise DataError(f"{where}: field 'instruction' must be a string")
+    if own_instruction is not None:
+        _check_str(own_instruction, "'instruction'", where)
     instr = own_instruction or instruction
-    sym = bool(obj.get("symmetric", symmetric))
+    sym = obj.get("symmetric", symmetric)
+    if not isinstance(sym, bool):
+        raise DataError(f"{where}: field 'symmetric' must be true or false, got {type(sym).__name__}")
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
     if "response" in obj:
         query = _text(obj, "query", where)
@@ -154,22 +196,102 @@ def pairs_from_record(obj: dict[str, Any], where: str, *, instruction: str | Non
                     f"query+pos (FlagEmbedding) or anchor+positive (triplets); got {sorted(obj)[:8]}")
 
 
+class PairFile(Sequence[Pair]):
+    """The pairs of one JSONL file, parsed from disk when asked for.
+
+    Building it reads the file once and validates every line (errors name file, line and field),
+    keeping two numbers per pair: the byte offset of its line and its place among that line's
+    pairs (a FlagEmbedding record with several positives gives several). So memory is ~12 bytes
+    a pair whatever the texts, a training set larger than memory streams from disk in the
+    trainer's seeded order, and a Ray task is sent the index, not the data."""
+
+    def __init__(self, path: str | Path, *, instruction: str | None = None, symmetric: bool = False,
+                 limit: int | None = None, skip_bad_lines: bool = False):
+        self.path = Path(path)
+        self.instruction = instruction
+        self.symmetric = symmetric
+        self.report = ReadReport(str(self.path))
+        self._offsets = array("q")
+        self._slots = array("i")
+        for lineno, offset, obj in _jsonl_records(self.path, skip_bad_lines, self.report):
+            try:
+                n = len(pairs_from_record(obj, f"{self.path}:{lineno}", instruction=instruction,
+                                          symmetric=symmetric))
+            except DataError as e:
+                _skip_or_raise(str(e), skip_bad_lines, self.report)
+                continue
+            if limit:
+                n = min(n, limit - len(self._offsets))
+            self._offsets.extend([offset] * n)
+            self._slots.extend(range(n))
+            if limit and len(self._offsets) >= limit:
+                break
+        _log_skipped(self.report)
+        st = self.path.stat()
+        self._stamp = (st.st_size, st.st_mtime_ns)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"pair {i} out of range: {self.path} has {n} pairs")
+        with self._open() as f:
+            return self._read(f, i % n)
+
+    def __iter__(self) -> Iterator[Pair]:
+        with self._open() as f:
+            for i in range(len(self)):
+                yield self._read(f, i)
+
+    def _open(self):
+        f = open(self.path, "rb")
+        st = os.fstat(f.fileno())
+        if (st.st_size, st.st_mtime_ns) != self._stamp:
+            f.close()
+            raise DataError(f"{self.path}: file changed since it was indexed; load the data again")
+        return f
+
+    def _read(self, f, i: int) -> Pair:
+        f.seek(self._offsets[i])
+        where = f"{self.path} (byte {self._offsets[i]})"
+        obj = _parse_line(f.readline(), where)
+        return pairs_from_record(obj, where, instruction=self.instruction, symmetric=self.symmetric)[self._slots[i]]
+
+
+class PairChain(Sequence[Pair]):
+    """Several pair sequences read as one, in order (the data sources of a training stage)."""
+
+    def __init__(self, parts: Iterable[Sequence[Pair]]):
+        self.parts = [p for p in parts if len(p)]
+        self._ends = list(itertools.accumulate(len(p) for p in self.parts))
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"pair {i} out of range: {n} pairs")
+        i %= n
+        k = bisect.bisect_right(self._ends, i)
+        return self.parts[k][i - (self._ends[k - 1] if k else 0)]
+
+    def __iter__(self) -> Iterator[Pair]:
+        for part in self.parts:
+            yield from part
+
+
 def read_pairs(path: str | Path, *, instruction: str | None = None, symmetric: bool = False,
                limit: int | None = None, skip_bad_lines: bool = False) -> tuple[list[Pair], ReadReport]:
-    report = ReadReport(str(path))
-    pairs: list[Pair] = []
-    for lineno, obj in iter_jsonl(path, skip_bad_lines=skip_bad_lines, report=report):
-        where = f"{path}:{lineno}"
-        try:
-            pairs.extend(pairs_from_record(obj, where, instruction=instruction, symmetric=symmetric))
-        except DataError as e:
-            if not skip_bad_lines:
-                raise
-            report.skipped.append(str(e))
-        if limit and len(pairs) >= limit:
-            pairs = pairs[:limit]
-            break
-    return pairs, report
+    """All pairs of a JSONL file in memory (see PairFile for the streamed form)."""
+    pairs = PairFile(path, instruction=instruction, symmetric=symmetric, limit=limit, skip_bad_lines=skip_bad_lines)
+    return list(pairs), pairs.report
 
 
 # ----------------------------------------------------------------------------- BEIR
@@ -185,28 +307,74 @@ class Beir:
 
 
 def is_beir(path: str | Path) -> bool:
+    """A folder with a corpus or a qrels folder (so a BEIR folder missing a file says so)."""
     p = Path(path)
-    return p.is_dir() and (p / "corpus.jsonl").is_file()
+    return p.is_dir() and ((p / "corpus.jsonl").is_file() or (p / "qrels").is_dir())
 
 
 def _read_beir_jsonl(path: Path, kind: str, skip_bad_lines: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for lineno, obj in iter_jsonl(path, skip_bad_lines=skip_bad_lines):
+    report = ReadReport(str(path))
+    for lineno, _, obj in _jsonl_records(path, skip_bad_lines, report):
         where = f"{path}:{lineno}"
-        if "_id" not in obj:
-            raise DataError(f"{where}: missing field '_id'")
-        _id = str(obj["_id"])
-        if _id in out:
-            raise DataError(f"{where}: duplicate _id {_id!r}")
-        text = _text(obj, "text", where)
-        if kind == "corpus":
-            title = obj.get("title") or ""
-            if not isinstance(title, str):
-                raise DataError(f"{where}: field 'title' must be a string")
-            out[_id] = (title, text)
-        else:
-            out[_id] = text
+        try:
+            if obj.get("_id") is None:
+                raise DataError(f"{where}: missing field '_id'")
+            if not isinstance(obj["_id"], (str, int)) or isinstance(obj["_id"], bool):
+                raise DataError(f"{where}: field '_id' must be a string, got {type(obj['_id']).__name__}")
+            _id = str(obj["_id"])
+            if _id in out:
+                raise DataError(f"{where}: duplicate _id {_id!r}")
+            text = _text(obj, "text", where)
+            if kind == "corpus":
+                title = obj.get("title") or ""
+                if title:
+                    _check_str(title, "'title'", where)
+                out[_id] = (title, text)
+            else:
+                out[_id] = text
+        except DataError as e:
+            _skip_or_raise(str(e), skip_bad_lines, report)
+    _log_skipped(report)
     return out
+
+
+def _read_qrels(path: Path, queries: dict[str, str], corpus: dict[str, Any],
+                skip_bad_lines: bool) -> dict[str, dict[str, int]]:
+    """`query-id <TAB> corpus-id <TAB> score` lines (an optional header first); every id must be known."""
+    qrels: dict[str, dict[str, int]] = {}
+    report = ReadReport(str(path))
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            report.lines = lineno
+            where = f"{path}:{lineno}"
+            try:
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where}: not valid UTF-8 (byte {e.start})") from None
+                row = line.split("\t")
+                if not line.strip() or (lineno == 1 and row[0] in ("query-id", "query_id", "qid")):
+                    continue
+                if len(row) < 3:
+                    raise DataError(f"{where}: expected 3 columns query-id, corpus-id, score; got {len(row)}")
+                qid, cid, score = row[0], row[1], row[2]
+                try:
+                    value = int(float(score))
+                except (ValueError, OverflowError):  # OverflowError: "inf"
+                    raise DataError(f"{where}: field 'score' must be a number, got {score[:40]!r}") from None
+                if qid not in queries:
+                    raise DataError(f"{where}: field 'query-id' {qid[:80]!r} is not in queries.jsonl")
+                if cid not in corpus:
+                    raise DataError(f"{where}: field 'corpus-id' {cid[:80]!r} is not in corpus.jsonl")
+            except DataError as e:
+                _skip_or_raise(str(e), skip_bad_lines, report)
+                continue
+            qrels.setdefault(qid, {})[cid] = value
+    _log_skipped(report)
+    if not qrels:
+        raise DataError(f"{path}: no judgements")
+    return qrels
 
 
 def load_beir(folder: str | Path, split: str = "test", *, skip_bad_lines: bool = False) -> Beir:
@@ -218,27 +386,7 @@ def load_beir(folder: str | Path, split: str = "test", *, skip_bad_lines: bool =
             raise DataError(f"{folder}: BEIR folder is missing {name}")
     corpus = _read_beir_jsonl(folder / "corpus.jsonl", "corpus", skip_bad_lines)
     queries = _read_beir_jsonl(folder / "queries.jsonl", "queries", skip_bad_lines)
-    qrels: dict[str, dict[str, int]] = {}
-    qpath = folder / "qrels" / f"{split}.tsv"
-    with open(qpath, encoding="utf-8", newline="") as f:
-        for lineno, row in enumerate(csv.reader(f, delimiter="\t"), 1):
-            if not row or (lineno == 1 and row[0] in ("query-id", "query_id", "qid")):
-                continue
-            where = f"{qpath}:{lineno}"
-            if len(row) < 3:
-                raise DataError(f"{where}: expected 3 columns query-id, corpus-id, score; got {len(row)}")
-            qid, cid, score = row[0], row[1], row[2]
-            try:
-                value = int(float(score))
-            except ValueError:
-                raise DataError(f"{where}: field 'score' must be a number, got {score!r}") from None
-            if qid not in queries:
-                raise DataError(f"{where}: field 'query-id' {qid!r} is not in queries.jsonl")
-            if cid not in corpus:
-                raise DataError(f"{where}: field 'corpus-id' {cid!r} is not in corpus.jsonl")
-            qrels.setdefault(qid, {})[cid] = value
-    if not qrels:
-        raise DataError(f"{qpath}: no judgements")
+    qrels = _read_qrels(folder / "qrels" / f"{split}.tsv", queries, corpus, skip_bad_lines)
     return Beir(str(folder), corpus, queries, qrels)
 
 
@@ -265,13 +413,17 @@ def resolve_path(path: str | Path, root: str | Path | None = None) -> Path:
     return p if p.is_absolute() or root is None else Path(root) / p
 
 
-def load_source(src: DataSource, root: str | Path | None = None, *, skip_bad_lines: bool = False) -> list[Pair]:
+def load_source(src: DataSource, root: str | Path | None = None, *, skip_bad_lines: bool = False) -> Sequence[Pair]:
+    """The pairs of one data source: a BEIR folder (held in memory: evaluation-sized), or a pairs
+    JSONL file or folder of JSONL shards (streamed from disk, see PairFile). Bad lines are skipped
+    when `skip_bad_lines` or the source's own `skip_bad_lines` is set."""
+    skip = skip_bad_lines or src.skip_bad_lines
     path = resolve_path(src.path, root)
     fmt = src.format
     if fmt == "auto":
         fmt = "beir" if is_beir(path) else "pairs"
     if fmt == "beir":
-        pairs = pairs_from_beir(load_beir(path, src.split, skip_bad_lines=skip_bad_lines),
+        pairs = pairs_from_beir(load_beir(path, src.split, skip_bad_lines=skip),
                                 instruction=src.instruction, symmetric=src.symmetric)
         return pairs[: src.limit] if src.limit else pairs
     if path.is_dir():  # a folder of JSONL shards (synthesis / filtering output)
@@ -280,33 +432,35 @@ def load_source(src: DataSource, root: str | Path | None = None, *, skip_bad_lin
             raise DataError(f"{path}: folder has no *.jsonl files")
     else:
         files = [path]
-    pairs: list[Pair] = []
+    parts: list[PairFile] = []
     for f in files:
-        got, _ = read_pairs(f, instruction=src.instruction, symmetric=src.symmetric, skip_bad_lines=skip_bad_lines)
-        pairs.extend(got)
-        if src.limit and len(pairs) >= src.limit:
-            return pairs[: src.limit]
-    return pairs
+        remaining = src.limit - sum(map(len, parts)) if src.limit else None
+        parts.append(PairFile(f, instruction=src.instruction, symmetric=src.symmetric, limit=remaining,
+                              skip_bad_lines=skip))
+        if src.limit and sum(map(len, parts)) >= src.limit:
+            break
+    return parts[0] if len(parts) == 1 else PairChain(parts)
 
 
 def load_sources(sources: Iterable[DataSource], root: str | Path | None = None, *,
-                 skip_bad_lines: bool = False) -> list[Pair]:
-    pairs: list[Pair] = []
-    for src in sources:
-        pairs.extend(load_source(src, root, skip_bad_lines=skip_bad_lines))
-    return pairs
+                 skip_bad_lines: bool = False) -> Sequence[Pair]:
+    """The pairs of all sources, in order, as one sequence (streamed where the sources are JSONL)."""
+    return PairChain(load_source(src, root, skip_bad_lines=skip_bad_lines) for src in sources)
 
 
 # ----------------------------------------------------------------------------- writing
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write via a temporary file in the same folder + rename: readers see the old or the new file."""
+    """Write via a temporary file in the same folder + rename: readers see the old or the new file.
+    The free space is checked first, so a full disk leaves no partial file behind."""
     path = Path(path)
+    data = text.encode("utf-8")
+    ensure_free_space(path, len(data), "the file")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,9 +1,14 @@
-"""Ray at the edge: connect (or start a local instance) and run a stage's heavy work as a Ray task.
+"""Ray at the edge: connect (or start a local instance), run a stage's heavy work as a Ray task,
+or spread shards over a pool of Ray actors.
 
 With no address configured, a local Ray instance is started with the machine's CPUs and no
 dashboard; `infra.ray_address` (or RAY_ADDRESS) points at a cluster instead (`auto`,
 `ray://head:10001`, `10.0.0.5:6379`): configuration only. On a cluster, the run folder must be
 on storage every node sees (NFS, a mounted bucket), as stage inputs and outputs are paths.
+
+A worker process that dies (killed, out of memory, node lost) is replaced and its task run again,
+once by default: tasks return their results to the driver, which writes each output file
+atomically, so a retried task can neither duplicate nor half-write anything.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -72,3 +78,77 @@ def run_remote(fn: Callable, *args, num_cpus: float | None = None, num_gpus: flo
     cpus = num_cpus if num_cpus is not None else cluster_cpus()
     remote = ray.remote(num_cpus=cpus, num_gpus=num_gpus, max_retries=max_retries)(_threaded(fn, int(cpus)))
     return ray.get(remote.remote(*args, **kwargs))
+
+
+@contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[None]:
+    """Connect to Ray: an already initialised session is reused; `address` (or $RAY_ADDRESS) joins a
+    cluster (its nodes need this project installed); else a local instance with `num_cpus` CPUs and
+    no dashboard, shut down on exit."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def run_on_actors(actor_cls: type, init_args: tuple, tasks: Sequence[tuple[Any, str, tuple]], *,
+                  workers: int, num_cpus: float, num_gpus: float, on_result: Callable[[Any, Any], None],
+                  progress: bool = True, desc: str = "shards", total: int | None = None,
+                  max_restarts: int = 1) -> None:
+    """Run `actor.<method>(*args)` for each (key, method, args) on a pool of `workers` actors, each
+    built once with `init_args`; `on_result(key, result)` runs in the driver as results arrive.
+
+    An actor whose process dies is restarted (its `__init__` runs again) and the task it was
+    running is retried, up to `max_restarts` times per actor. A task that fails otherwise (an
+    exception) is not retried: the tasks in flight still finish (and are handed to on_result)
+    before the first error is raised, so a rerun has less to redo."""
+    import ray
+    from tqdm.auto import tqdm
+
+    todo = list(tasks)
+    if not todo:
+        return
+    remote = ray.remote(actor_cls).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                                           max_task_retries=max_restarts)
+    actors = [remote.remote(*init_args) for _ in range(min(workers, len(todo)))]
+    total = total if total is not None else len(todo)
+    bar = tqdm(total=total, initial=total - len(todo), desc=desc, unit="shard", disable=not progress)
+    in_flight: dict[Any, tuple[Any, Any]] = {}
+    error: BaseException | None = None
+
+    def submit(actor) -> None:
+        key, method, args = todo.pop(0)
+        in_flight[getattr(actor, method).remote(*args)] = (actor, key)
+
+    try:
+        for a in actors:
+            if todo:
+                submit(a)
+        while in_flight:
+            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            actor, key = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - re-raised once the others are in
+                error = error or e
+                continue
+            on_result(key, result)
+            bar.update(1)
+            if todo and error is None:
+                submit(actor)
+    finally:
+        bar.close()
+        for a in actors:
+            ray.kill(a)
+    if error is not None:
+        raise error

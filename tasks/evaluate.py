@@ -522,8 +522,12 @@ def _read_pairs_file(path: Path, value_fields: Sequence[str],
                     raise DataError(f"{where}: field {label!r} must be a non-empty string")
             rows.append((s1, s2, str(value), where))
         return rows
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = []
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):  # "\n" only: the line numbers editors show
+        try:
+            lines.append(raw.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start})") from None
     cols = None
     first = [c.strip().lower() for c in lines[0].split("\t")] if lines else []
     if any(c in _S1 for c in first) and any(c in _S2 for c in first):

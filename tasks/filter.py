@@ -22,13 +22,14 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from tasks.config import FilterConfig, ModelConfig
 from tasks.data import DataError, atomic_write_text, iter_jsonl, write_jsonl
-from tasks.synthesize import encoder_id, load_encoder, ray_session, run_on_actors
+from tasks.distributed import ray_session, run_on_actors
+from tasks.synthesize import encoder_id, load_encoder
 
 HISTOGRAM = "scores.png"
 
@@ -55,13 +56,13 @@ def score_pairs(encoder, records: Sequence[dict[str, Any]], *, batch_size: int =
 
 
 class FilterWorker:
-    """A Ray actor: loads the scoring model once, then scores shard after shard."""
+    """A Ray actor: loads the scoring model once (or calls `factory` for it), then scores shard after shard."""
 
-    def __init__(self, spec: Any, batch_size: int, num_threads: int = 1):
+    def __init__(self, spec: Any, batch_size: int, num_threads: int = 1, factory: Callable[[], Any] | None = None):
         import torch
 
         torch.set_num_threads(max(1, num_threads))
-        self.encoder = load_encoder(spec)
+        self.encoder = factory() if factory is not None else load_encoder(spec)
         self.batch_size = batch_size
 
     def score(self, records: list[dict[str, Any]]) -> list[float]:
@@ -92,9 +93,12 @@ def _sha_file(path: Path) -> str:
 
 def filter_pairs(cfg: FilterConfig, pairs_dir: str | Path, out_dir: str | Path, *,
                  embedder: str | Path | ModelConfig | None, ray_address: str | None = None,
-                 progress: bool = True, num_cpus: int | None = None) -> FilterResult:
+                 progress: bool = True, num_cpus: int | None = None,
+                 encoder_factory: Callable[[], Any] | None = None) -> FilterResult:
     """Score every pair of `pairs_dir/shard-*.jsonl` with `embedder` (default `cfg.embedder`) on
-    Ray actors and keep those with score > `cfg.threshold`."""
+    Ray actors and keep those with score > `cfg.threshold`. `encoder_factory` (a picklable
+    zero-argument callable returning that model, e.g. wrapped) is called in each worker instead of
+    loading `embedder`, which still names the scorer in the manifest."""
     t0 = time.perf_counter()
     spec = embedder if embedder is not None else cfg.embedder
     if spec is None:
@@ -121,7 +125,8 @@ def filter_pairs(cfg: FilterConfig, pairs_dir: str | Path, out_dir: str | Path, 
     tasks = [(p, "score", (_read_shard(p),)) for p in missing]
     if tasks:
         with ray_session(ray_address, num_cpus=num_cpus or max(1, round(cfg.workers * cfg.cpus_per_worker))):
-            run_on_actors(FilterWorker, (spec, cfg.batch_size, max(1, round(cfg.cpus_per_worker))), tasks,
+            run_on_actors(FilterWorker, (spec, cfg.batch_size, max(1, round(cfg.cpus_per_worker)), encoder_factory),
+                          tasks,
                           workers=cfg.workers, num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
                           on_result=write, progress=progress, desc="filter", total=len(inputs))
     report = filter_report(out_dir, [p.name for p in inputs], cfg.threshold, settings["embedder"])

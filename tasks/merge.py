@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from tasks.diskspace import ensure_free_space
+
 StateDict = dict[str, Tensor]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -254,6 +256,7 @@ def slerp_merge(
                 shutil.copytree(entry, tmp / entry.name)
             elif not _is_weight_file(entry.name):
                 shutil.copy2(entry, tmp / entry.name)
+        ensure_free_space(tmp, sum(t.numel() * t.element_size() for t in merged.values()), "the merged weights")
         save_file(merged, tmp / MERGED_WEIGHTS, metadata={"format": "pt"})
         record = {
             "method": "task_slerp" if base_path is not None else "slerp",

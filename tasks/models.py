@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.config import LoraConfig, ModelConfig
+from tasks.diskspace import ensure_free_space
 from tasks.losses import reranker_score, truncate_normalize
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,11 @@ def materialise_gguf(folder: Path, gguf_file: str) -> Path:
 
     def build(tmp: Path) -> None:
         log.info("dequantising %s (first use only)", gguf_path)
-        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+        except Exception as e:  # a cut or corrupt file fails anywhere in the GGUF reader
+            raise ModelLoadError(f"{gguf_path}: cannot read this GGUF file ({type(e).__name__}: {e})") from e
         # The weights are dequantised already; drop the GGUF marker that blocks save_pretrained.
         model.hf_quantizer = None
         model.is_quantized = False
@@ -160,6 +164,12 @@ def resolve_backbone(cfg: ModelConfig) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path}: not a model folder (no config.json)")
+        pickles = sorted(p.name for p in path.glob("*.bin"))
+        if pickles and not any(path.glob("*.safetensors")):
+            raise ModelLoadError(
+                f"{path}: has only pickle weights ({', '.join(pickles)}); loading a pickle can run code, so "
+                f"weights are read from safetensors only. Convert them once, on a machine that trusts the file: "
+                f"AutoModel.from_pretrained(path).save_pretrained(path, safe_serialization=True)")
         return str(path)
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec):
         raise ModelLoadError(f"{spec}: model path does not exist (and it is not a hub name like 'org/model')")
@@ -228,6 +238,28 @@ def _merged_backbone(backbone: nn.Module) -> nn.Module:
     return backbone
 
 
+class TruncationLog:
+    """Counts texts cut to a maximum length. Warns the first time and whenever the count has
+    doubled since the last warning, so a long run says how many without a warning every step."""
+
+    def __init__(self, setting: str):
+        self.setting = setting  # the config key that raises the limit
+        self.count = 0
+        self._warn_at = 1
+
+    def add(self, cut: int, total: int, max_length: int) -> None:
+        self.count += cut
+        if cut and self.count >= self._warn_at:
+            log.warning("%d of %d texts were longer than %d tokens and were truncated (%d so far); "
+                        "raise %s to keep more", cut, total, max_length, self.count, self.setting)
+            self._warn_at = 2 * self.count
+
+
+def _weights_bytes(module: nn.Module) -> int:
+    """Bytes of a module's tensors as saved (tied weights counted once)."""
+    return sum({t.data_ptr(): t.numel() * t.element_size() for t in module.state_dict().values()}.values())
+
+
 def batch_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices sorted by length (longest first) and cut into batches: least padding per batch."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -263,6 +295,11 @@ def _load(cls, auto: str, cfg: ModelConfig | str, device, lora: LoraConfig | Non
         backbone = getattr(transformers, auto).from_pretrained(path, **_load_kwargs(cfg, device))
     except OSError as e:
         raise ModelLoadError(f"{path}: cannot load model: {e}") from e
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ModelLoadError(f"{path}: the model needs code shipped with it to load; running that code is off "
+                             f"unless you set model.trust_remote_code=true (only for a source you trust)") from e
     backbone.config.use_cache = False
     if lora is not None and lora.enabled:
         backbone = apply_lora(backbone, lora)
@@ -296,6 +333,10 @@ class Embedder(nn.Module):
         self.source = source
         self.end_id = _token_id(tokenizer, cfg.end_token, source)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_id
+        self.truncation = TruncationLog("model.max_query_length / model.max_doc_length")
+        if cfg.embedding_dim is not None and cfg.embedding_dim > self.hidden_size:
+            raise ModelLoadError(f"{source}: model.embedding_dim {cfg.embedding_dim} is larger than the "
+                                 f"model's hidden size {self.hidden_size}")
 
     @classmethod
     def load(cls, cfg: ModelConfig | str, *, device=None, lora: LoraConfig | None = None) -> "Embedder":
@@ -315,12 +356,14 @@ class Embedder(nn.Module):
         whatever the tokenizer adds on its own (and never twice)."""
         enc = self.tokenizer(list(texts), add_special_tokens=False, truncation=True,
                              max_length=max_length, return_attention_mask=False)["input_ids"]
-        out = []
+        out, cut = [], 0
         for ids in enc:
             ids = list(ids)
             while ids and ids[-1] == self.end_id:
                 ids.pop()
+            cut += len(ids) >= max_length  # one token more than the max_length - 1 kept
             out.append(ids[: max_length - 1] + [self.end_id])
+        self.truncation.add(cut, len(out), max_length)
         return out
 
     def tokenize(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -368,6 +411,7 @@ class Embedder(nn.Module):
         """Save as a safetensors HF folder (LoRA merged) + q3e.json; also loadable by
         `sentence_transformers.SentenceTransformer(path)` with the same embeddings."""
         path = Path(path)
+        ensure_free_space(path, _weights_bytes(self.backbone), "saving the model")
         path.mkdir(parents=True, exist_ok=True)
         _merged_backbone(self.backbone).save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
@@ -446,6 +490,7 @@ class Reranker(nn.Module):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
         self.prefix_ids = tokenizer.encode(RERANK_PREFIX, add_special_tokens=False)
         self.suffix_ids = tokenizer.encode(RERANK_SUFFIX, add_special_tokens=False)
+        self.truncation = TruncationLog("model.max_rerank_length")
 
     @classmethod
     def load(cls, cfg: ModelConfig | str, *, device=None, lora: LoraConfig | None = None) -> "Reranker":
@@ -465,9 +510,10 @@ class Reranker(nn.Module):
             raise ValueError(f"max_rerank_length {max_length} leaves no room for the query/document "
                              f"(the template alone is {len(self.prefix_ids) + len(self.suffix_ids)} tokens)")
         bodies = [format_rerank_body(q, d, instruction) for q, d in zip(queries, documents)]
-        enc = self.tokenizer(bodies, add_special_tokens=False, truncation=True, max_length=budget,
+        enc = self.tokenizer(bodies, add_special_tokens=False, truncation=True, max_length=budget + 1,
                              return_attention_mask=False)["input_ids"]
-        return [self.prefix_ids + list(ids) + self.suffix_ids for ids in enc]
+        self.truncation.add(sum(len(ids) > budget for ids in enc), len(enc), max_length)
+        return [self.prefix_ids + list(ids[:budget]) + self.suffix_ids for ids in enc]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, V] next-token logits at the last position (left padding: position -1)."""
@@ -498,6 +544,7 @@ class Reranker(nn.Module):
         classifier (weight = W_yes - W_no, so sigmoid(logit) = the yes/no softmax) that
         `sentence_transformers.CrossEncoder` loads and that gives the same scores."""
         path = Path(path)
+        ensure_free_space(path, _weights_bytes(self.backbone) * (2 if cross_encoder else 1), "saving the reranker")
         path.mkdir(parents=True, exist_ok=True)
         merged = _merged_backbone(self.backbone)
         merged.save_pretrained(path, safe_serialization=True)

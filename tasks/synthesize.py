@@ -50,6 +50,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from tasks.config import SynthConfig
+from tasks.distributed import ray_session, run_on_actors
 from tasks.data import DataError, Pair, atomic_write_text, doc_text, iter_jsonl, resolve_path, write_jsonl
 from tasks.generate import Generator, GeneratorError, Messages, Secret, build_generator
 
@@ -930,77 +931,6 @@ def run_on_ray_data(shards: dict[int, list[Plan]], cfg: SynthConfig, init_args: 
                                f"{len(shards[i])} passages); the shard was not written")
         on_result(i, {"accepted": json.loads(row["accepted"]), "rejected": json.loads(row["rejected"]),
                       "seconds": row["seconds"]})
-
-
-# ----------------------------------------------------------------------------- Ray plumbing (shared with filter.py)
-
-@contextmanager
-def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[None]:
-    """Connect to Ray: an already initialised session is reused; `address` (or $RAY_ADDRESS) joins a
-    cluster (its nodes need this project installed); else a local instance with `num_cpus` CPUs and
-    no dashboard, shut down on exit."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-def run_on_actors(actor_cls: type, init_args: tuple, tasks: Sequence[tuple[Any, str, tuple]], *,
-                  workers: int, num_cpus: float, num_gpus: float, on_result: Callable[[Any, Any], None],
-                  progress: bool = True, desc: str = "shards", total: int | None = None) -> None:
-    """Run `actor.<method>(*args)` for each (key, method, args) on a pool of `workers` actors, each
-    built once with `init_args`; `on_result(key, result)` runs in the driver as results arrive.
-    If a task fails, the tasks in flight still finish (and are handed to on_result) before the
-    first error is raised, so a rerun has less to redo."""
-    import ray
-    from tqdm.auto import tqdm
-
-    todo = list(tasks)
-    if not todo:
-        return
-    remote = ray.remote(actor_cls).options(num_cpus=num_cpus, num_gpus=num_gpus)
-    actors = [remote.remote(*init_args) for _ in range(min(workers, len(todo)))]
-    total = total if total is not None else len(todo)
-    bar = tqdm(total=total, initial=total - len(todo), desc=desc, unit="shard", disable=not progress)
-    in_flight: dict[Any, tuple[Any, Any]] = {}
-    error: BaseException | None = None
-
-    def submit(actor) -> None:
-        key, method, args = todo.pop(0)
-        in_flight[getattr(actor, method).remote(*args)] = (actor, key)
-
-    try:
-        for a in actors:
-            if todo:
-                submit(a)
-        while in_flight:
-            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-            actor, key = in_flight.pop(ref)
-            try:
-                result = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - re-raised once the others are in
-                error = error or e
-                continue
-            on_result(key, result)
-            bar.update(1)
-            if todo and error is None:
-                submit(actor)
-    finally:
-        bar.close()
-        for a in actors:
-            ray.kill(a)
-    if error is not None:
-        raise error
 
 
 # ----------------------------------------------------------------------------- entry point

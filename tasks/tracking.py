@@ -3,6 +3,9 @@
 Embedded default: a SQLite store `<run_dir>/mlflow.db` with artifacts in `<run_dir>/mlartifacts`;
 `infra.mlflow_tracking_uri` (or MLFLOW_TRACKING_URI) points at a tracking server instead. Only the
 driver logs (SQLite takes one writer); Ray workers write files that the driver logs afterwards.
+
+A tracking server that is down costs a few seconds of retries, then an error that names it: runs
+log after their stage's outputs are complete on disk, so a rerun reuses them and logs again.
 """
 
 from __future__ import annotations
@@ -18,6 +21,16 @@ from typing import Any, Iterable
 log = logging.getLogger(__name__)
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow retries a failed request 7 times with a backoff factor of 2 (~4 minutes a call), so a
+# server that is down stalls every log call; 3 retries with factor 1 give up after ~7 s. The
+# variables are MLflow's own: set them to retry longer.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be used; the message names its URI."""
 
 
 def tracking_uri(run_dir: Path, configured: str | None = None) -> str:
@@ -33,7 +46,14 @@ def setup(run_dir: Path, experiment: str, configured_uri: str | None = None) -> 
     uri = tracking_uri(run_dir, configured_uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+    except Exception as e:  # unreachable server, refused credentials, unreadable store
+        retries = os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] if uri.startswith("http") else "no"
+        raise TrackingError(
+            f"MLflow tracking store {uri} is not usable ({retries} retries): {e}\n"
+            f"Start it, point infra.mlflow_tracking_uri / MLFLOW_TRACKING_URI elsewhere, or unset both to "
+            f"log to {run_dir / 'mlflow.db'}.") from None
     if exp is not None:
         return exp.experiment_id
     location = (run_dir / "mlartifacts").resolve().as_uri() if uri.startswith(("sqlite:", "file:", "/")) else None

@@ -31,6 +31,7 @@ import torch
 
 from tasks.config import ModelConfig, TrainConfig
 from tasks.data import Pair, atomic_write_text, load_sources
+from tasks.diskspace import ensure_free_space
 from tasks.losses import mrl_infonce, improved_infonce, reranker_sft_loss
 from tasks.models import Embedder, Reranker, format_query, _model_config
 
@@ -235,6 +236,9 @@ def save_checkpoint(model, optimizer, scheduler, out_dir: Path, step: int, cfg: 
     model.save(tmp / "model", extra={"step": step})
     if cfg.lora.enabled:
         model.backbone.save_pretrained(tmp / "adapter", safe_serialization=True)
+    # AdamW keeps two tensors per trainable parameter
+    state_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    ensure_free_space(tmp, state_bytes, "the optimizer state (trainer_state.pt)")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
     atomic_write_text(tmp / "state.json", json.dumps({"step": step, "history_len": len(history)}))
@@ -364,6 +368,9 @@ def load_model(cfg: TrainConfig, model_cfg: ModelConfig | str, init: str | Path 
     mcfg = _model_config(init) if init is not None else _model_config(model_cfg)
     cls = Embedder if cfg.objective == "embedding" else Reranker
     model = cls.load(mcfg, device=device, lora=cfg.lora)
+    too_big = [d for d in cfg.loss.mrl_dims if d > getattr(model, "hidden_size", d)]
+    if cfg.objective == "embedding" and too_big:
+        raise ValueError(f"loss.mrl_dims {too_big} larger than the model's hidden size {model.hidden_size}")
     model.train()
     return model
 
