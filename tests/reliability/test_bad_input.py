@@ -194,7 +194,7 @@ def test_mrl_dimensions_larger_than_the_model_are_refused(micro_cfg, shared_data
     data = DataSource(path=str(shared_data / "triplets-en" / "snli_dev_triplets.jsonl"), limit=16)
     loss = micro_cfg.stage2.loss.model_copy(update={"mrl_dims": [hidden // 2, 2 * hidden]})
     cfg = micro_cfg.stage2.model_copy(update={"data": [data], "steps": 2, "batch_size": 4, "loss": loss})
-    with pytest.raises(ValueError, match=rf"MRL dim must be in \[1, {hidden}\], got {2 * hidden}"):
+    with pytest.raises(ValueError, match=rf"loss.mrl_dims \[{2 * hidden}\] larger than the model's hidden size {hidden}"):
         train(cfg, micro_cfg.model, tmp_path / "out", progress=False)
     assert _nothing_trained(tmp_path / "out")
 
