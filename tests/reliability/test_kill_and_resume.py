@@ -98,3 +98,47 @@ def test_flow_killed_mid_stage_resumes_at_that_stage(shared_data, tmp_path, llm_
     synth = list(project.glob("datasets/synthetic/*/shard-*.jsonl"))
     lines = [line for f in synth for line in f.read_text().splitlines()]
     assert len(lines) == len(set(lines))  # no duplicated synthetic record
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(shared_data, tmp_path):
+    """The process dies for real in the middle of writing a checkpoint: a file-size limit
+    (RLIMIT_FSIZE) below the optimizer state's size makes the kernel refuse the write of
+    trainer_state.pt (EFBIG; Python ignores SIGXFSZ) after that checkpoint's model weights are on
+    disk, and the trainer exits with the I/O error."""
+    import resource
+
+    data = shared_data / "triplets-en" / "snli_dev_triplets.jsonl"
+    ref = subprocess.run(_train_cmd(tmp_path / "ref", data), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    ckpt = sorted((tmp_path / "ref" / "checkpoints").glob("step-*"))[-1]
+    model_bytes = (ckpt / "model" / "model.safetensors").stat().st_size
+    state_bytes = (ckpt / "trainer_state.pt").stat().st_size
+    assert state_bytes > 1.5 * model_bytes  # AdamW: two tensors per parameter
+    limit = int(1.25 * model_bytes)
+
+    out = tmp_path / "crashed"
+    proc = subprocess.Popen(_train_cmd(out, data), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    _kill_when(proc, lambda: (out / "checkpoints" / "step-000004" / "state.json").is_file())
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    crashed = subprocess.run(_train_cmd(out, data), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                             preexec_fn=small_files)
+    assert crashed.returncode == 1, crashed.stderr[-2000:]
+    assert "trainer_state.pt" in crashed.stderr or "unexpected pos" in crashed.stderr  # torch.save's write failed
+    half = sorted((out / "checkpoints").glob("step-*.tmp"))
+    assert half and (half[0] / "model" / "model.safetensors").is_file()  # died mid-checkpoint
+    assert not (half[0] / "state.json").exists()
+    complete = sorted(p.name for p in (out / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+    assert complete and complete[-1] < half[0].name.removesuffix(".tmp")  # the previous good one survives
+
+    resumed = subprocess.run(_train_cmd(out, data), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((out / "final" / "train_summary.json").read_text())
+    assert summary["resumed_from"] == int(complete[-1].split("-")[1])
+    a = load_file(str(tmp_path / "ref" / "final" / "model.safetensors"))
+    b = load_file(str(out / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((out / "checkpoints").glob("step-*.tmp"))  # the half-written one was cleared
