@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,6 +19,24 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("Q3E_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+_MLFLOW_URI_MODULE = "mlflow.tracking._tracking_service.utils"
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_stays_in_its_test():
+    """`mlflow.set_tracking_uri` is process-global and writes MLFLOW_TRACKING_URI: a test that
+    points MLflow at a server (or a closed port) must not leave the next test pointing there."""
+    uri_before = getattr(sys.modules.get(_MLFLOW_URI_MODULE), "_tracking_uri", None)
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    utils = sys.modules.get(_MLFLOW_URI_MODULE)
+    if utils is not None and utils._tracking_uri != uri_before:
+        utils._tracking_uri = uri_before
+    if env_before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
 @pytest.fixture(scope="session")
