@@ -95,6 +95,10 @@ class LossConfig(Strict):
     qd: bool = True
     mask_false_negatives: bool = True
     mrl_dims: list[int] = []
+    # The first N optimizer steps use plain q-d InfoNCE (no q-q / d-d terms, no false-negative mask),
+    # then the loss above. 0 = the paper's loss from the first step. A warm start for a backbone
+    # whose pooled state carries no content yet (SmolLM2: see conf/presets/smol.yaml).
+    plain_warmup_steps: int = Field(0, ge=0)
 
     @field_validator("mrl_dims")
     @classmethod

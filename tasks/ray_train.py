@@ -52,7 +52,7 @@ from tasks.losses import reranker_sft_loss
 from tasks.models import _pad_left
 from tasks.train import (
     EmbeddingBatch, TrainingInterrupted, TrainResult, _append_history, _ckpt_name, _encode_chunks, _read_history,
-    batch_indices, build_optimizer, embedding_batch, embedding_loss_from_embeddings, finished_result,
+    batch_indices, build_optimizer, config_at_step, embedding_batch, embedding_loss_from_embeddings, finished_result,
     list_checkpoints, load_model, reranker_examples, resume, save_checkpoint, step_record, write_final,
     write_history,
 )
@@ -433,7 +433,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
             last = micro == cfg.grad_accum - 1
             if cfg.objective == "embedding":
                 eb = embedding_batch(chunk, cfg.hard_negatives, cfg.seed, b)
-                loss_sum += embedding_shard_step(replica, eb, cfg, 1.0 / cfg.grad_accum, rank, world,
+                loss_sum += embedding_shard_step(replica, eb, config_at_step(cfg, step), 1.0 / cfg.grad_accum, rank, world,
                                                  sync=last) / cfg.grad_accum
                 count += eb.num_texts
             else:

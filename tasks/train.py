@@ -142,6 +142,15 @@ def embedding_loss_from_embeddings(q, p, nflat, batch: EmbeddingBatch, cfg: Trai
     return improved_infonce(q, p, neg, **kwargs)
 
 
+def config_at_step(cfg: TrainConfig, step: int) -> TrainConfig:
+    """The training config for optimizer step `step` (0-based): during `loss.plain_warmup_steps`
+    the loss is plain q-d InfoNCE (no q-q / d-d terms, no false-negative mask)."""
+    if step >= cfg.loss.plain_warmup_steps:
+        return cfg
+    plain = cfg.loss.model_copy(update={"qq": False, "dd": False, "qd": True, "mask_false_negatives": False})
+    return cfg.model_copy(update={"loss": plain})
+
+
 def embedding_step(model: Embedder, batch: EmbeddingBatch, cfg: TrainConfig, scale: float) -> float:
     """Forward + backward of one (micro-)batch; returns the loss value. GradCache when
     `cfg.mini_batch_size` is set, plain end-to-end backprop otherwise."""
@@ -322,7 +331,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | str, out_dir: str | Path, *
             n_pairs += len(chunk)
             if cfg.objective == "embedding":
                 eb = embedding_batch(chunk, cfg.hard_negatives, cfg.seed, b)
-                loss_sum += embedding_step(model, eb, cfg, 1.0 / cfg.grad_accum) / cfg.grad_accum
+                loss_sum += embedding_step(model, eb, config_at_step(cfg, step), 1.0 / cfg.grad_accum) / cfg.grad_accum
                 tokens += eb.num_texts
             else:
                 loss, tok = reranker_step(model, chunk, cfg, cfg.seed, b, 1.0 / cfg.grad_accum)

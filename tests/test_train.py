@@ -149,3 +149,18 @@ def test_warmup_then_cosine(micro_cfg):
 def test_no_pairs_is_a_clear_error(micro_cfg, tmp_path):
     with pytest.raises(ValueError, match="no training pairs"):
         train(micro_cfg.stage2, micro_cfg.model, tmp_path / "x", pairs=[], progress=False)
+
+
+def test_plain_warmup_steps_use_qd_infonce_then_the_full_loss(micro_cfg, snli_pairs, tmp_path):
+    base = micro_cfg.stage2.model_copy(update={"steps": 4, "batch_size": 8, "hard_negatives": 1,
+                                               "checkpoint_every": 4, "lr": 1e-3})
+    plain_loss = base.loss.model_copy(update={"qq": False, "dd": False, "mask_false_negatives": False})
+    warm = base.model_copy(update={"loss": base.loss.model_copy(update={"plain_warmup_steps": 2})})
+    runs = {name: train(cfg, micro_cfg.model, tmp_path / name, pairs=snli_pairs, progress=False).history
+            for name, cfg in [("warm", warm), ("plain", base.model_copy(update={"loss": plain_loss})),
+                              ("full", base)]}
+    loss = {name: [h["loss"] for h in hist] for name, hist in runs.items()}
+    # steps 1-2 are the plain loss's run exactly; from step 3 on, the full loss of eq. 1
+    assert loss["warm"][:2] == loss["plain"][:2]
+    assert abs(loss["full"][0] - loss["plain"][0]) > 0.1  # the two losses differ on these batches
+    assert abs(loss["warm"][2] - loss["plain"][2]) > 0.1
