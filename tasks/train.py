@@ -158,9 +158,12 @@ def embedding_step(model: Embedder, batch: EmbeddingBatch, cfg: TrainConfig, sca
     flat_negs = [t for negs in batch.negatives for t in negs]
     chunk = cfg.mini_batch_size
     if chunk is None:
+        # positives and hard negatives share one forward pass (same max length): each weight then
+        # gets two gradient contributions instead of three, which saves one weight-gradient-sized
+        # temporary at the backward's peak, and the matmuls are larger (what MNRL does too)
         q = model.embed(batch.queries, mc.max_query_length)
-        p = model.embed(batch.positives, mc.max_doc_length)
-        n = _encode_chunks(model, flat_negs, mc.max_doc_length, None)
+        docs = model.embed(batch.positives + flat_negs, mc.max_doc_length)
+        p, n = docs[: len(batch.positives)], docs[len(batch.positives):]
         loss = embedding_loss_from_embeddings(q, p, n, batch, cfg)
         (loss * scale).backward()
         return float(loss.detach())
