@@ -164,3 +164,20 @@ def test_plain_warmup_steps_use_qd_infonce_then_the_full_loss(micro_cfg, snli_pa
     assert loss["warm"][:2] == loss["plain"][:2]
     assert abs(loss["full"][0] - loss["plain"][0]) > 0.1  # the two losses differ on these batches
     assert abs(loss["warm"][2] - loss["plain"][2]) > 0.1
+
+
+def test_length_buckets_give_the_one_pass_embeddings_and_gradients_in_input_order(micro_cfg, snli_pairs):
+    from tasks.train import embed_by_length
+
+    model = Embedder.load(micro_cfg.model, device="cpu")
+    texts = [p.query if i % 3 else p.query * 4 for i, p in enumerate(snli_pairs[:21])]  # mixed lengths
+    results = []
+    for bucket in (0, 4):
+        model.zero_grad(set_to_none=True)
+        emb = embed_by_length(model, texts, 64, bucket=bucket)
+        (emb * torch.linspace(-1, 1, emb.shape[-1])).sum().backward()
+        results.append((emb.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (e0, g0), (e4, g4) = results
+    torch.testing.assert_close(e4, e0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g4, g0, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(e0[0], e0[1])  # distinct texts: a permutation would be caught
