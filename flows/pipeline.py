@@ -22,7 +22,7 @@ from typing import Any, Callable
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import lineage, tracking
+from tasks import lineage, report, tracking
 from tasks.config import PipelineConfig, Resources, load_config
 from tasks.distributed import init_ray, run_remote
 from tasks.stages import StageDir, merge_stage, stage_dir, stage_key, timed, train_resources, train_stage
@@ -240,7 +240,7 @@ def pipeline(preset: str = "smol", overrides: list[str] | None = None, ablation:
     logger = _logger()
 
     data_md5 = lineage.ensure_data(root, cfg.data.dir, source=_resolve(root, cfg.data.source),
-                                   include=cfg.data.include, remote=cfg.infra.dvc_remote)
+                                   include=cfg.data.include, remote=cfg.infra.dvc_remote, derived=cfg.data.derived)
     experiment_id = tracking.setup(run_dir, cfg.infra.mlflow_experiment, cfg.infra.mlflow_tracking_uri)
     init_ray(cfg.infra.ray_address, cfg.infra.ray_num_cpus)
 
@@ -282,7 +282,8 @@ def pipeline(preset: str = "smol", overrides: list[str] | None = None, ablation:
             path, key = models[final_name]
             results["reranker"] = evaluation(ctx, "reranker", path, key, final_rr["final"], final_rr["key"])["results"]
 
-        summary = _summarise(ctx, results, final_name, models, final_rr, t_start)
+        summary = _summarise(ctx, results, final_name, models, final_rr, t_start, tags=tags, synth=synth,
+                             overrides=overrides or [], config_files=config_files or [])
         _log_final(ctx, summary, models[final_name][0], final_rr["final"] if final_rr else None)
         status = "FINISHED"
         return summary
@@ -309,18 +310,44 @@ def main_scores(results: dict) -> dict[str, float]:
 
 
 def _summarise(ctx: Context, results: dict, final_name: str, models: dict, final_rr: dict | None,
-               t_start: float) -> dict:
+               t_start: float, *, tags: dict, synth: dict | None, overrides: list[str],
+               config_files: list[str]) -> dict:
+    """The run's summary.json: everything `q3e report` needs, so a report never asks MLflow."""
+    from datetime import datetime, timezone
+
     total = time.perf_counter() - t_start
     compute = sum(t["compute_s"] for t in ctx.timings)
     table = {name: main_scores(res) for name, res in results.items()}
+    flat = ctx.cfg.flat()
     return {
         "run_id": ctx.parent_run_id, "preset": ctx.cfg.preset, "ablation": ctx.cfg.ablation,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": tags["git_commit"], "config_hash": tags["config_hash"], "dvc_data_md5": tags["dvc_data_md5"],
+        "config_hash_without_seeds": report.config_digest_without_seeds(flat), "seeds": report.seeds_of(flat),
+        "overrides": list(overrides), "config_files": list(config_files),
         "final_model": final_name, "final_model_path": models[final_name][0],
         "reranker_path": final_rr["final"] if final_rr else None,
-        "scores": table, "results": results, "stages": ctx.timings, "wall_s": total, "compute_s": compute,
+        "scores": table, "checks": report.stage_checks(table, final_name), "results": results,
+        "synthesis": _read_json(synth["stats"]) if synth else None, "train_pairs": _train_pairs(models),
+        "stages": ctx.timings, "wall_s": total, "compute_s": compute,
         "overhead_s": total - compute, "data_md5": ctx.data_md5,
         "tracking_uri": __import__("mlflow").get_tracking_uri(),
     }
+
+
+def _read_json(path: str) -> dict | None:
+    p = Path(path)
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _train_pairs(models: dict) -> dict[str, int]:
+    """{stage: training pairs} from each trained model's final/train_summary.json."""
+    out = {}
+    for name in ("stage1", "stage2"):
+        rec = _read_json(str(Path(models[name][0]) / "train_summary.json")) if name in models else None
+        if rec and "pairs" in rec:
+            out[name] = rec["pairs"]
+    return out
 
 
 def _log_final(ctx: Context, summary: dict, final_model: str, final_reranker: str | None) -> None:
@@ -337,6 +364,7 @@ def _log_final(ctx: Context, summary: dict, final_model: str, final_reranker: st
         metrics[f"final/rerank/{task}"] = value
     metrics.update({"time/wall_s": summary["wall_s"], "time/compute_s": summary["compute_s"],
                     "time/overhead_s": summary["overhead_s"]})
+    metrics.update({f"check/{c['name']}": float(c["passed"]) for c in summary["checks"]})
     tracking.log_metrics(pid, metrics)
     out = ctx.artifacts.parent / "runs" / pid / "summary.json"
     atomic_write_text(out, json.dumps(summary, indent=2, default=str))
@@ -345,6 +373,7 @@ def _log_final(ctx: Context, summary: dict, final_model: str, final_reranker: st
     md = ctx.artifacts.parent / "runs" / pid / "scores.md"
     atomic_write_text(md, scores_markdown(summary))
     client.log_artifact(pid, str(md))
+    client.log_artifact(pid, str(atomic_write_text(md.with_name("report.md"), report.run_report(summary))))
     if not Path(final_model).is_dir():  # the untrained backbone: nothing of ours to log
         return
     uris = {"embedding": _logged_model(ctx, Path(final_model), "embedding", "embedding_model")}

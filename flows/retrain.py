@@ -58,7 +58,7 @@ def retrain(preset: str = "smol", overrides: list[str] | None = None, config_fil
     rc = cfg.retrain
     root = Path(project_dir).resolve()
     data_md5 = lineage.ensure_data(root, cfg.data.dir, source=_resolve(root, cfg.data.source),
-                                   include=cfg.data.include, remote=cfg.infra.dvc_remote)
+                                   include=cfg.data.include, remote=cfg.infra.dvc_remote, derived=cfg.data.derived)
     tracking.setup(root / cfg.run_dir, cfg.infra.mlflow_experiment, cfg.infra.mlflow_tracking_uri)
     current = champion(rc.registered_model, rc.alias)
     if current and current["data_md5"] == data_md5 and current["config_hash"] == cfg.digest():

@@ -310,6 +310,16 @@ def _print_summary(summary: dict) -> None:
         table.add_row(name + (" (final)" if name == summary["final_model"] else ""),
                       *[f"{s[t]:.4f}" if t in s else "" for t in tasks_])
     console.print(table)
+    checks = summary.get("checks") or []
+    if checks:
+        ct = Table(title="stage checks (each model against the one it was made from)")
+        for col in ("check", "on", "score", "input", "result"):
+            ct.add_column(col, justify="right" if col in ("score", "input") else "left")
+        for c in checks:
+            ct.add_row(f"{c['model']} {'≥' if c['op'] == '>=' else '>'} {c['baseline']}", c["task"],
+                       f"{c['score']:.4f}", f"{c['baseline_score']:.4f}",
+                       "pass" if c["passed"] else "[bold red]FAIL[/bold red]")
+        console.print(ct)
     st = Table(title="stages")
     for col in ("stage", "cached", "wall s", "compute s"):
         st.add_column(col, justify="right" if col.endswith("s") else "left")
@@ -501,6 +511,50 @@ def lineage_cmd(
         ct = c.data.tags
         typer.echo(f"  stage {ct.get('stage', c.info.run_name):16s} key {ct.get('stage_key', '')} "
                    f"{'(cached) ' if ct.get('cached') == 'true' else ''}{ct.get('artifact_dir', '')}")
+
+
+# Typer keeps the line breaks of a help text's later paragraphs: each paragraph is one string here.
+REPORT_HELP = "\n\n".join([
+    "Print the Markdown report of pipeline runs from their summary.json alone (no MLflow), to paste or --out "
+    "into README.md and docs/: the numbers then come from a command at a known commit.",
+    "One run: header (run id, preset, ablation, git commit, config hash, data version, date, the command that "
+    "reproduces it), main score of every model per task, stage checks (stage 1 >= backbone, stage 2 >= stage 1, "
+    "merged >= stage 2, reranker > final embedder), synthesis acceptance, wall time per stage.",
+    "Several runs (one configuration over seeds): mean ± std per model and task; runs of different commits, "
+    "data versions or configurations other than their seeds are refused.",
+    "Example: q3e report --latest --out docs/results-smol.md",
+])
+
+
+@app.command("report", help=REPORT_HELP)
+def report_cmd(
+    run_ids: Optional[List[str]] = typer.Argument(None, help="MLflow run id(s) of pipeline runs; several = one "
+                                                  "configuration over seeds"),
+    latest: bool = typer.Option(False, "--latest", help="report the run whose summary.json was written last"),
+    run_dir: Path = typer.Option(Path("runs"), "--run-dir", help="the runs' run_dir: summaries are "
+                                 "<run-dir>/runs/<run id>/summary.json"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the Markdown to this file (atomically) "
+                                       "instead of stdout"),
+) -> None:
+    """Markdown report of one run, or of one configuration over seeds (see REPORT_HELP)."""
+    from tasks.data import atomic_write_text
+    from tasks.report import ReportError, latest_run_id, load_summary, report_seeds, run_report
+
+    try:
+        if latest and run_ids:
+            raise ReportError("give run ids or --latest, not both")
+        ids = [latest_run_id(run_dir)] if latest else list(run_ids or [])
+        if not ids:
+            raise ReportError("give one or more run ids, or --latest")
+        summaries = [load_summary(run_dir, rid) for rid in ids]
+        text = run_report(summaries[0]) if len(summaries) == 1 else report_seeds(summaries)
+    except ReportError as e:
+        raise _fail(e) from None
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    atomic_write_text(out, text)
+    typer.echo(f"wrote {out}")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -73,6 +73,8 @@ class ModelConfig(Strict):
     max_doc_length: int = Field(128, gt=1)
     max_rerank_length: int = Field(256, gt=16)
     embedding_dim: int | None = Field(None, gt=0, description="MRL output dimension; null = full")
+    num_layers: int | None = Field(None, gt=0, description="keep only the backbone's first N decoder layers "
+                                                          "(its final norm stays); null = all")
     micro: MicroConfig = MicroConfig()
 
 
@@ -219,10 +221,15 @@ class GeneratorConfig(Strict):
     http_retries: int = Field(5, ge=0, description="openai backend: retries of a request on connection errors, 429, 5xx")
     backoff_s: float = Field(1.0, ge=0, description="openai backend: first retry delay, doubled each retry")
     max_backoff_s: float = Field(30.0, ge=0)
+    structured: bool = Field(
+        True, description="structured decoding: every answer is constrained to its stage's JSON schema "
+                          "(enums of the offered personas, question types, difficulties, labels; string "
+                          "lengths and scripts): xgrammar for transformers, structured outputs for vllm, "
+                          "response_format for openai. It replaces the JSON prefill")
     json_prefill: bool | None = Field(
         None, description="start each answer with the JSON's first key (helps small models keep the format); "
-                          "null = on for transformers and vllm, off for openai (needs a server that "
-                          "continues a final assistant message, e.g. vLLM)")
+                          "null = on for transformers and vllm when structured is off, off for openai (needs "
+                          "a server that continues a final assistant message, e.g. vLLM)")
     chat_template_kwargs: dict[str, Any] = Field(
         {}, description="variables of the model's chat template, e.g. {enable_thinking: false} for Qwen3 "
                         "(else its thinking fills max_new_tokens before the JSON); openai: sent as "
@@ -240,7 +247,8 @@ class SynthConfig(Strict):
     top_personas: int = Field(5, gt=0)
     num_passages: int | None = Field(64, gt=0)
     kinds: dict[str, float] = {"retrieval": 1.0}
-    languages: list[str] = ["English"]
+    languages: list[str] = Field(["passage"], description="languages of the generated queries, drawn per "
+                                                          "passage; 'passage' = the passage's own language")
     query_lengths: list[int] = [5, 10, 20]
     bitext_languages: list[str] = Field(["Chinese", "French", "German", "Spanish"],
                                         description="bitext: target languages of the translations")
@@ -288,13 +296,35 @@ class EvalConfig(Strict):
     resources: Resources = Resources()
 
 
+class DerivedSet(Strict):
+    """A data set built inside `data/` from a file already there (so it is versioned with it).
+    - `sts_retrieval`: an STS TSV (columns split, score, sentence1, sentence2) as a BEIR folder:
+      sentence1 of the pairs of `split` scored >= `min_score` as queries, all sentence2 of the
+      split as the corpus;
+    - `sts_pairs`: an STS TSV as training pairs (JSONL): pairs scored >= `min_score`, with the
+      query's documents scored <= `max_negative_score` as hard negatives (fields named by
+      `query_field`, `positive_field`, `score_field`; `split` null = every row)."""
+
+    kind: Literal["sts_retrieval", "sts_pairs"] = "sts_retrieval"
+    source: str
+    out: str
+    split: str | None = "dev"
+    min_score: float = 4.0
+    max_negative_score: float = 2.0
+    query_field: str = "sentence1"
+    positive_field: str = "sentence2"
+    score_field: str = "score"
+
+
 class DataConfig(Strict):
     """The versioned inputs: `dir` is tracked by `<dir>.dvc`; a fresh clone restores it with
-    `dvc pull`, or copies `include` from the bundled `source` when no remote has it."""
+    `dvc pull`, or copies `include` from the bundled `source` when no remote has it, then builds
+    `derived` from what it copied."""
 
     dir: str = "data"
     source: str | None = "../shared/data"
     include: list[str] = []
+    derived: list[DerivedSet] = []
 
 
 class InfraConfig(Strict):

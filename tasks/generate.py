@@ -1,18 +1,27 @@
 """LLM backends for data synthesis, behind one small protocol:
 
-    generate(prompts: list[list[dict]], *, seed, temperature, max_new_tokens) -> list[str]
+    generate(prompts: list[list[dict]], *, seed, temperature, max_new_tokens,
+             schemas: list[dict | None] | None = None) -> list[str]
 
 `prompts` are chat conversations (`[{"role": "system"|"user"|"assistant", "content": ...}, ...]`);
 the result has one completion per conversation, in order. A conversation that ends with an
 assistant message is a *prefill*: the model continues that message and the completion returned
 includes it (`{"Query": "` + what the model wrote). A prefill that opens a JSON object also stops
-generation once the object is closed. Three backends:
+generation once the object is closed.
+
+`schemas[i]`, when given, is a JSON schema that completion i must follow (structured decoding: the
+decoder only samples tokens that keep the text a prefix of a valid instance, then stops). It fixes
+the format, not the content. A constrained conversation has no prefill: the grammar writes the
+opening of the object itself and must see all of it. Three backends:
 
 - `TransformersGenerator`: a local causal LM (default: the bundled SmolLM2-135M-Instruct), chat
-  template, batched left-padded sampling; the seed makes a call reproducible.
-- `VLLMGenerator`: the same prompts through vLLM's offline engine on the worker's GPU(s).
+  template, batched left-padded sampling; the seed makes a call reproducible. Schemas are compiled
+  to grammars by xgrammar and applied as a logits processor.
+- `VLLMGenerator`: the same prompts through vLLM's offline engine on the worker's GPU(s); schemas
+  go to vLLM's structured outputs.
 - `OpenAIGenerator`: any OpenAI-compatible server (`POST {base_url}/chat/completions`: vLLM, SGLang,
-  llama.cpp server, OpenAI, ...) with bounded concurrency and retries.
+  llama.cpp server, OpenAI, ...) with bounded concurrency and retries; schemas are sent as
+  `response_format` (`json_schema`, strict).
 
 Both are built once per Ray worker by `build_generator`; they hold no orchestration.
 """
@@ -21,19 +30,21 @@ from __future__ import annotations
 
 import email.utils
 import inspect
+import json
 import logging
 import os
 import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from tasks.config import GeneratorConfig
 
 log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
+Schemas = list[dict | None] | None
 
 
 class GeneratorError(RuntimeError):
@@ -45,7 +56,7 @@ class Generator(Protocol):
     name: str  # recorded in every synthetic pair's provenance
 
     def generate(self, prompts: list[Messages], *, seed: int, temperature: float,
-                 max_new_tokens: int) -> list[str]: ...
+                 max_new_tokens: int, schemas: Schemas = None) -> list[str]: ...
 
 
 class Secret:
@@ -97,7 +108,7 @@ class TransformersGenerator:
         self.max_input_tokens = max_input_tokens
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.min_prefix_tokens = min_prefix_tokens  # shorter shared prefixes are not worth caching
-        self._prefix = None  # (token ids, DynamicCache) of the last shared prompt prefix
+        self._prefixes: dict[tuple[int, ...], Any] = {}  # shared prompt prefix (token ids) -> its KV cache
         self.device = torch.device(device) if device else default_device()
         path = resolve_backbone(ModelConfig(backbone=model))
         try:
@@ -117,17 +128,21 @@ class TransformersGenerator:
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         stops = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
         self.stop_ids = sorted(i for i in stops if isinstance(i, int) and i >= 0 and i != self.tokenizer.unk_token_id)
+        self._compiler = None  # xgrammar.GrammarCompiler, made on the first schema
+        self._grammars: dict[str, Any] = {}  # schema JSON -> compiled grammar
 
     def __repr__(self) -> str:
         return f"TransformersGenerator({self.name!r}, device={self.device})"
 
     def generate(self, prompts: list[Messages], *, seed: int, temperature: float,
-                 max_new_tokens: int) -> list[str]:
+                 max_new_tokens: int, schemas: Schemas = None) -> list[str]:
         import torch
-        from transformers import GenerationConfig, StoppingCriteriaList
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         from tasks.models import batch_by_length
 
+        schemas = check_schemas(prompts, schemas)
+        grammars = [self._grammar(s) if s is not None else None for s in schemas]
         prefills = [prefill_of(m) for m in prompts]
         texts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=not p,
                                                     continue_final_message=bool(p), **self.chat_template_kwargs)
@@ -142,27 +157,65 @@ class TransformersGenerator:
         gen_cfg = GenerationConfig(
             do_sample=sample, temperature=temperature if sample else None, top_p=self.top_p if sample else None,
             max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids)
+        # Batches hold prompts of one template (same system turn: a long shared prefix whose keys and
+        # values `_batch` computes once), and constrained and free prompts apart (a grammar constrains
+        # every row of its batch).
+        groups: dict[tuple[str, bool], list[int]] = {}
+        for i, m in enumerate(prompts):
+            groups.setdefault((m[0]["content"] if m else "", grammars[i] is not None), []).append(i)
+        batches = [[group[j] for j in b] for group in groups.values()
+                   for b in batch_by_length([len(ids[i]) for i in group], self.batch_size)]
         out: list[str] = [""] * len(prompts)
         torch.manual_seed(seed)
         with torch.inference_mode():
-            for batch in batch_by_length([len(x) for x in ids], self.batch_size):
+            for batch in batches:
                 input_ids, mask, cache = self._batch([ids[i] for i in batch])
                 start = input_ids.shape[1]
-                stop = None
+                stop = processors = None
                 if any(prefills[i].lstrip().startswith("{") for i in batch):
                     stop = StoppingCriteriaList([_json_stop(self.tokenizer, [prefills[i] for i in batch], start)])
+                if grammars[batch[0]] is not None:
+                    import xgrammar
+
+                    # One grammar per row; the processor keeps per-row matcher state, so it is new per call.
+                    processors = LogitsProcessorList(
+                        [xgrammar.contrib.hf.LogitsProcessor([grammars[i] for i in batch])])
                 kw = {self._cache_kw: cache} if cache is not None else {}
                 gen = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen_cfg,
-                                          stopping_criteria=stop, **kw)
+                                          stopping_criteria=stop, logits_processor=processors, **kw)
                 for i, row in zip(batch, self.tokenizer.batch_decode(gen[:, start:], skip_special_tokens=True)):
                     out[i] = (prefills[i] + row).strip()
         return out
 
+    def _grammar(self, schema: dict):
+        """The xgrammar grammar of `schema` for this tokenizer, compiled once per distinct schema."""
+        key = json.dumps(schema, ensure_ascii=False)  # not sorted: the order of properties is the answer's
+        if key not in self._grammars:
+            try:
+                import xgrammar
+                import xgrammar.contrib.hf  # noqa: F401 - the logits processor used in generate
+            except ImportError as e:
+                raise GeneratorError(
+                    "structured decoding with the transformers backend needs xgrammar (`make venv` installs "
+                    "it; by hand: pip install --no-deps xgrammar==0.2.9 apache-tvm-ffi), or set "
+                    "synth.generator.structured=false") from e
+            if self._compiler is None:
+                # vocab_size is the logits' width (it may exceed the tokenizer's by padding rows); the
+                # grammar ends on the same stop tokens as generation.
+                info = xgrammar.TokenizerInfo.from_huggingface(
+                    self.tokenizer, vocab_size=self.model.config.vocab_size, stop_token_ids=self.stop_ids)
+                self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)  # cached here, bounded
+            if len(self._grammars) >= 1024:  # configuration schemas differ per passage: bound the cache
+                self._grammars.clear()
+            self._grammars[key] = self._compiler.compile_json_schema(key, any_whitespace=False)
+        return self._grammars[key]
+
     def _batch(self, rows: list[list[int]]):
         """(input_ids, attention_mask, past_key_values) of a batch. Prompts built from one template
-        share a long token prefix (the instructions and examples): its keys/values are computed once
-        and reused, and each row is laid out as prefix + padding + own suffix (positions come from the
-        mask, so the padding is invisible). On a CPU this cuts the prompt cost several times."""
+        share a long token prefix (the instructions and examples): its keys/values are computed once,
+        kept for later batches of that template (a few templates at a time), and reused; each row is
+        laid out as prefix + padding + own suffix (positions come from the mask, so the padding is
+        invisible). On a CPU this cuts the prompt cost several times."""
         import copy
 
         import torch
@@ -170,27 +223,35 @@ class TransformersGenerator:
         pad = self.tokenizer.pad_token_id
         n = _common_prefix(rows)
         n = min(n, min(len(r) for r in rows) - 1)  # every row keeps a token of its own to feed
-        if n < self.min_prefix_tokens:
+        head = rows[0][:n]
+        known = [p for p in self._prefixes
+                 if self.min_prefix_tokens <= len(p) <= n and tuple(head[:len(p)]) == p]
+        if known:  # a template prefix seen before (also serves a batch of one)
+            prefix = max(known, key=len)
+            self._prefixes[prefix] = self._prefixes.pop(prefix)  # most recently used last
+        elif len(rows) > 1 and n >= self.min_prefix_tokens:
+            from transformers import DynamicCache
+
+            prefix = tuple(head)
+            kv = DynamicCache(config=self.model.config)
+            self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True,
+                       **{self._cache_kw: kv})
+            if len(self._prefixes) >= 8:  # a few templates in use at a time: drop the least recently used
+                del self._prefixes[next(iter(self._prefixes))]
+            self._prefixes[prefix] = kv
+        else:
             width = max(len(r) for r in rows)
             ids = [[pad] * (width - len(r)) + r for r in rows]
             mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
-            cache = None
-        else:
-            prefix = tuple(rows[0][:n])
-            if self._prefix is None or self._prefix[0] != prefix:
-                from transformers import DynamicCache
-
-                kv = DynamicCache(config=self.model.config)
-                self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True,
-                           **{self._cache_kw: kv})
-                self._prefix = (prefix, kv)
-            cache = copy.deepcopy(self._prefix[1])
-            cache.batch_repeat_interleave(len(rows))
-            tails = [r[n:] for r in rows]
-            width = max(len(t) for t in tails)
-            ids = [list(prefix) + [pad] * (width - len(t)) + t for t in tails]
-            mask = [[1] * n + [0] * (width - len(t)) + [1] * len(t) for t in tails]
-        return (torch.tensor(ids, device=self.device), torch.tensor(mask, device=self.device), cache)
+            return torch.tensor(ids, device=self.device), torch.tensor(mask, device=self.device), None
+        n = len(prefix)
+        cache = copy.deepcopy(self._prefixes[prefix])
+        cache.batch_repeat_interleave(len(rows))
+        tails = [r[n:] for r in rows]
+        width = max(len(t) for t in tails)
+        ids = [list(prefix) + [pad] * (width - len(t)) + t for t in tails]
+        mask = [[1] * n + [0] * (width - len(t)) + [1] * len(t) for t in tails]
+        return torch.tensor(ids, device=self.device), torch.tensor(mask, device=self.device), cache
 
 
 def _common_prefix(rows: list[list[int]]) -> int:
@@ -207,6 +268,20 @@ def _common_prefix(rows: list[list[int]]) -> int:
 def prefill_of(messages: Messages) -> str:
     """The content of a final assistant message (a prefill to continue), else ""."""
     return messages[-1]["content"] if messages and messages[-1].get("role") == "assistant" else ""
+
+
+def check_schemas(prompts: list[Messages], schemas: Schemas) -> list[dict | None]:
+    """One schema (or None) per prompt. A constrained prompt cannot have a prefill: the grammar
+    starts at the answer's first character, so it would reject the continuation of one."""
+    if schemas is None:
+        return [None] * len(prompts)
+    if len(schemas) != len(prompts):
+        raise ValueError(f"{len(schemas)} schemas for {len(prompts)} prompts")
+    for i, (m, s) in enumerate(zip(prompts, schemas)):
+        if s is not None and prefill_of(m):
+            raise ValueError(f"prompt {i} has both a schema and a prefill ({prefill_of(m)[:20]!r}); "
+                             "structured decoding writes the whole answer")
+    return list(schemas)
 
 
 def json_object_closed(text: str) -> bool:
@@ -271,14 +346,15 @@ class VLLMGenerator:
         return f"VLLMGenerator({self.name!r})"
 
     def generate(self, prompts: list[Messages], *, seed: int, temperature: float,
-                 max_new_tokens: int) -> list[str]:
+                 max_new_tokens: int, schemas: Schemas = None) -> list[str]:
         from vllm import SamplingParams
 
+        schemas = check_schemas(prompts, schemas)
         context = self.llm.llm_engine.model_config.max_model_len
         limit = max(16, min(self.max_input_tokens, context - max_new_tokens))  # room for the answer
         prefills = [prefill_of(m) for m in prompts]
         requests, params = [], []
-        for m, prefill in zip(prompts, prefills):
+        for m, prefill, schema in zip(prompts, prefills, schemas):
             text = self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=not prefill,
                                                       continue_final_message=bool(prefill),
                                                       **self.chat_template_kwargs)
@@ -287,10 +363,22 @@ class VLLMGenerator:
             requests.append({"prompt_token_ids": ids[-limit:]})
             # A prefill opens a flat JSON object: its first `}` closes it (vLLM has no stopping callback).
             stop = ["}"] if prefill.lstrip().startswith("{") else None
+            constraint = vllm_json_constraint(schema) if schema is not None else {}
             params.append(SamplingParams(temperature=temperature, top_p=self.top_p, max_tokens=max_new_tokens,
-                                         seed=seed, stop=stop, include_stop_str_in_output=True))
+                                         seed=seed, stop=stop, include_stop_str_in_output=True, **constraint))
         outs = self.llm.generate(requests, params, use_tqdm=False)
         return [(prefill + out.outputs[0].text).strip() for prefill, out in zip(prefills, outs)]
+
+
+def vllm_json_constraint(schema: dict) -> dict[str, Any]:
+    """The SamplingParams keyword that constrains a request to `schema`: `structured_outputs` in
+    current vLLM, `guided_decoding` in the versions before it (that field was removed in 0.12)."""
+    import importlib
+
+    params = importlib.import_module("vllm.sampling_params")
+    if hasattr(params, "StructuredOutputsParams"):
+        return {"structured_outputs": params.StructuredOutputsParams(json=schema)}
+    return {"guided_decoding": params.GuidedDecodingParams(json=schema)}
 
 
 # ----------------------------------------------------------------------------- OpenAI-compatible server
@@ -339,13 +427,16 @@ class OpenAIGenerator:
         self._client.close()
 
     def generate(self, prompts: list[Messages], *, seed: int, temperature: float,
-                 max_new_tokens: int) -> list[str]:
+                 max_new_tokens: int, schemas: Schemas = None) -> list[str]:
         bodies = []
-        for m in prompts:
+        for m, schema in zip(prompts, check_schemas(prompts, schemas)):
             body = {"model": self.name, "messages": m, "temperature": temperature, "top_p": self.top_p,
                     "max_tokens": max_new_tokens, "seed": seed}
             if prefill_of(m):  # vLLM/SGLang extension: continue the final assistant message
                 body |= {"continue_final_message": True, "add_generation_prompt": False}
+            if schema is not None:  # structured outputs (OpenAI, vLLM, SGLang, llama.cpp server)
+                body["response_format"] = {"type": "json_schema", "json_schema": {
+                    "name": schema.get("title", "answer"), "schema": schema, "strict": True}}
             if self.chat_template_kwargs:  # vLLM/SGLang extension, e.g. {"enable_thinking": false}
                 body["chat_template_kwargs"] = self.chat_template_kwargs
             bodies.append(body)

@@ -68,6 +68,42 @@ def _copy_bundled(source: Path, dest: Path, include: list[str]) -> None:
     tmp.rename(dest)
 
 
+def _copy_missing(source: Path, dest: Path, include: list[str]) -> list[str]:
+    """Copy the `include` entries that `dest` lacks (never overwriting what is there)."""
+    added = []
+    for rel in include:
+        if (dest / rel).exists() or not (source / rel).exists():
+            continue
+        tmp = dest / (rel.rstrip("/") + ".tmp-copy")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (source / rel).is_dir() else shutil.copy2)(source / rel, tmp)
+        tmp.rename(dest / rel)
+        added.append(rel)
+    return added
+
+
+def build_derived(data: Path, derived: list) -> list[str]:
+    """Build the `data.derived` sets that `data/` lacks; returns the ones it built."""
+    from tasks.data import sts_to_beir, sts_to_pairs
+
+    built = []
+    for d in derived or []:
+        out = data / d.out
+        if d.kind == "sts_retrieval":
+            if (out / "qrels" / "test.tsv").is_file():
+                continue
+            sts_to_beir(data / d.source, out, split=d.split or "dev", min_score=d.min_score)
+        else:
+            if out.is_file():
+                continue
+            sts_to_pairs(data / d.source, out, query_field=d.query_field, positive_field=d.positive_field,
+                         score_field=d.score_field, split=d.split, min_score=d.min_score,
+                         max_negative_score=d.max_negative_score)
+        built.append(d.out)
+    return built
+
+
 def push(root: Path, targets: list[str], remote: str | None = None) -> bool:
     try:
         _repo(root).push(targets=[str(root / t) for t in targets], remote=remote)
@@ -78,7 +114,7 @@ def push(root: Path, targets: list[str], remote: str | None = None) -> bool:
 
 
 def ensure_data(root: str | Path, data_dir: str = "data", *, source: str | Path | None = None,
-                include: list[str] | None = None, remote: str | None = None) -> str:
+                include: list[str] | None = None, remote: str | None = None, derived: list | None = None) -> str:
     """Make `data/` match a version tracked by DVC and return its md5 (the data version).
 
     - present and matching data.dvc: nothing to do;
@@ -103,6 +139,11 @@ def ensure_data(root: str | Path, data_dir: str = "data", *, source: str | Path 
         if source is None or not Path(source).is_dir():
             raise LineageError(f"{data}: missing, and the bundled source {source} is not a folder")
         _copy_bundled(Path(source), data, include or [])
+    elif source is not None and Path(source).is_dir():
+        for name in _copy_missing(Path(source), data, include or []):  # data.include grew
+            log.info("data: added %s from %s", name, source)
+    for name in build_derived(data, derived or []):
+        log.info("data: built %s from %s", name, data_dir)
     if dvc_file.is_file() and is_clean(root, data_dir):
         version = read_dvc_file(dvc_file)["md5"]
     else:

@@ -301,9 +301,32 @@ def _load(cls, auto: str, cfg: ModelConfig | str, device, lora: LoraConfig | Non
         raise ModelLoadError(f"{path}: the model needs code shipped with it to load; running that code is off "
                              f"unless you set model.trust_remote_code=true (only for a source you trust)") from e
     backbone.config.use_cache = False
+    if cfg.num_layers is not None:
+        truncate_layers(backbone, cfg.num_layers, path)
     if lora is not None and lora.enabled:
         backbone = apply_lora(backbone, lora)
     return cls(backbone, _load_tokenizer(path, cfg), cfg=cfg, source=path).to(device)
+
+
+def truncate_layers(model: nn.Module, n: int, source: str = "") -> nn.Module:
+    """Keep the first `n` decoder layers of a transformers decoder (base or causal-LM model), in
+    place; the final norm then applies to layer n's output. The config says `n` layers, so a saved
+    copy reloads as the smaller model. Intermediate layers of decoder LLMs often embed better than
+    the last, and each dropped layer makes every step cheaper."""
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ModelLoadError(f"{source}: model.num_layers is set, but the model has no `layers` to cut")
+    if n > len(layers):
+        raise ModelLoadError(f"{source}: model.num_layers {n} is more than the model's {len(layers)} layers")
+    if n == len(layers):
+        return model
+    base.layers = nn.ModuleList(list(layers)[:n])
+    for config in {id(c): c for c in (model.config, base.config)}.values():
+        config.num_hidden_layers = n
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[:n]
+    return model
 
 
 # ----------------------------------------------------------------------------- embedding model

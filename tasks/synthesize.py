@@ -44,7 +44,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -55,7 +55,7 @@ from tasks.generate import Generator, GeneratorError, Messages, Secret, build_ge
 
 log = logging.getLogger(__name__)
 
-PROMPT_VERSION = "a1-v2"  # bump whenever a template, an example or a validation rule changes
+PROMPT_VERSION = "a1-v3"  # bump whenever a template, an example or a validation rule changes
 
 KINDS = ("retrieval", "bitext", "sts", "classification")
 
@@ -171,21 +171,25 @@ def query_prompt(character: str, passage: str, qtype: str, difficulty: str, leng
                  corpus_language: str, query_language: str, prefill: bool = False) -> Messages:
     """Stage 2 of retrieval synthesis: the paper's query-generation template (A.1)."""
     ex_char, ex_passage, ex_type, ex_diff, ex_len, ex_lang, ex_out = QUERY_EXAMPLE
-    example = (f"**Character**\n{ex_char}\n**Passage**\n{ex_passage}\n**Requirement**\n"
-               f"{_requirement(ex_type, ex_diff, ex_len, ex_lang)}\n**output**\n{json.dumps(ex_out)}")
     system = (
         "Given a **Character**, **Passage**, and **Requirement**, generate a query from the **Character**'s "
         "perspective that satisfies the **Requirement** and can be used to retrieve the **Passage**. "
         "Please return the result in JSON format.\n\n"
-        f"Here is an example:\n\n<example>\n{example}\n</example>\n\n"
+        "Here is an example: the first request from user and its **output**.\n\n"
         "Now, generate the **output** based on the **Character**, **Passage** and **Requirement** from user, "
         f"the **Passage** will be in {corpus_language} language, the **Character** and **Requirement** will be "
         "in English.\n"
         f"Ensure to generate only the JSON output, with the key in English and the value in {query_language} "
         "language.")
-    user = (f"**Character**\n{character}\n\n**Passage**\n{passage}\n\n**Requirement**\n"
-            f"{_requirement(qtype, difficulty, length, query_language)}")
-    return _messages(system, user, '{"Query": "' if prefill else None)
+    user = _query_request(character, passage, qtype, difficulty, length, query_language)
+    example = (_query_request(ex_char, ex_passage, ex_type, ex_diff, ex_len, ex_lang), json.dumps(ex_out))
+    return _messages(system, user, '{"Query": "' if prefill else None, example=example)
+
+
+def _query_request(character: str, passage: str, qtype: str, difficulty: str, length: int,
+                   language: str) -> str:
+    return (f"**Character**\n{character}\n\n**Passage**\n{passage}\n\n**Requirement**\n"
+            f"{_requirement(qtype, difficulty, length, language)}")
 
 
 def bitext_prompt(text: str, source_language: str, target_language: str, *, prefill: bool = False) -> Messages:
@@ -193,14 +197,15 @@ def bitext_prompt(text: str, source_language: str, target_language: str, *, pref
     system = (
         "Given a **Text**, translate it into the **Target** language, keeping its meaning, names and numbers. "
         "Please return the result in JSON format.\n\n"
-        "Here is an example:\n\n<example>\n**Text**\nThe museum is closed on Mondays.\n**Target**\nFrench\n"
-        '**output**\n{"Translation": "Le musée est fermé le lundi."}\n</example>\n\n'
+        "Here is an example: the first request from user and its **output**.\n\n"
         f"Now, generate the **output** based on the **Text** and **Target** from user, the **Text** will be in "
         f"{source_language} language.\n"
         f"Ensure to generate only the JSON output, with the key in English and the value in {target_language} "
         "language.")
     user = f"**Text**\n{text}\n**Target**\n{target_language}"
-    return _messages(system, user, '{"Translation": "' if prefill else None)
+    example = ("**Text**\nThe museum is closed on Mondays.\n**Target**\nFrench",
+               '{"Translation": "Le musée est fermé le lundi."}')
+    return _messages(system, user, '{"Translation": "' if prefill else None, example=example)
 
 
 STS_SCALE = {
@@ -221,12 +226,13 @@ def sts_prompt(sentence: str, similarity: float, language: str, *, prefill: bool
         "**Sentence** is that score on this scale:\n"
         f"{scale}\n"
         "Do not copy the **Sentence**. Please return the result in JSON format.\n\n"
-        "Here is an example:\n\n<example>\n**Sentence**\nA man is playing a guitar on the stage.\n**Similarity**\n"
-        '5\n**output**\n{"Sentence": "On the stage, a guy plays the guitar."}\n</example>\n\n'
+        "Here is an example: the first request from user and its **output**.\n\n"
         "Now, generate the **output** based on the **Sentence** and **Similarity** from user.\n"
         f"Ensure to generate only the JSON output, with the key in English and the value in {language} language.")
     user = f"**Sentence**\n{sentence}\n**Similarity**\n{similarity:g}"
-    return _messages(system, user, '{"Sentence": "' if prefill else None)
+    example = ("**Sentence**\nA man is playing a guitar on the stage.\n**Similarity**\n5",
+               '{"Sentence": "On the stage, a guy plays the guitar."}')
+    return _messages(system, user, '{"Sentence": "' if prefill else None, example=example)
 
 
 def classification_prompt(passage: str, labels: Sequence[str], language: str, *,
@@ -235,23 +241,104 @@ def classification_prompt(passage: str, labels: Sequence[str], language: str, *,
     system = (
         "Given a **Passage** and a list of **Labels**, choose the Label that best describes the topic of the "
         "Passage and write a short Description of the Passage's topic. Please return the result in JSON format.\n\n"
-        "Here is an example:\n\n<example>\n**Passage**\n" + _EXAMPLE_PASSAGES[2] + "\n**Labels**\n"
-        "- health\n- sports\n- politics\n"
-        '**output**\n{"Label": "health", "Description": "Running injuries and whether stretching prevents them."}\n'
-        "</example>\n\n"
+        "Here is an example: the first request from user and its **output**.\n\n"
         f"Now, generate the **output** based on the **Passage** and **Labels** from user, the **Passage** will be "
         f"in {language} language.\n"
         "Ensure to generate only the JSON output, with the keys in English and the Label copied from the list.")
     user = f"**Passage**\n{passage}\n**Labels**\n" + "\n".join(f"- {x}" for x in labels)
-    return _messages(system, user, '{"Label": "' if prefill else None)
+    example = (f"**Passage**\n{_EXAMPLE_PASSAGES[2]}\n**Labels**\n- health\n- sports\n- politics",
+               '{"Label": "health", "Description": "Running injuries and whether stretching prevents them."}')
+    return _messages(system, user, '{"Label": "' if prefill else None, example=example)
 
 
-def _messages(system: str, user: str, prefill: str | None) -> Messages:
-    msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+def _messages(system: str, user: str, prefill: str | None, *,
+              example: tuple[str, str] | None = None) -> Messages:
+    """The chat of one request. `example` (a request and its answer) is a demonstration turn before
+    the real request: SmolLM2 copied the answer of an example written inside the instructions into
+    ~70% of its English queries, of a demonstration turn into ~35%."""
+    msgs = [{"role": "system", "content": system}]
+    if example:
+        msgs += [{"role": "user", "content": example[0]}, {"role": "assistant", "content": example[1]}]
+    msgs.append({"role": "user", "content": user})
     if prefill:
         # Start the answer with the JSON's first key: small models then keep the format (see generate.py).
         msgs.append({"role": "assistant", "content": prefill})
     return msgs
+
+
+# ----------------------------------------------------------------------------- JSON schemas of the answers
+
+# Structured decoding (synth.generator.structured) constrains each answer to its stage's schema: the
+# keys, the enums of the choices the prompt offers, and string lengths. That fixes the format, not the
+# content: `_parse` and `check_text` still judge every answer.
+
+def _answer_schema(title: str, **properties: dict) -> dict[str, Any]:
+    """A flat object with exactly `properties`, in that order (the grammar writes them in order)."""
+    return {"title": title, "type": "object", "properties": properties, "required": list(properties),
+            "additionalProperties": False}
+
+
+def _text(max_chars: int | None = None) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1} | ({"maxLength": max_chars} if max_chars else {})
+
+
+def _text_in(language: str, max_chars: int | None = None) -> dict[str, Any]:
+    """A string written in `language`'s script, up to `max_chars` characters."""
+    return _text(max_chars) | {"pattern": script_pattern(language, max_chars)}
+
+
+def script_pattern(language: str, max_chars: int | None = None) -> str:
+    """A regex of texts in `language`'s script (the rule `check_text` applies, as a constraint):
+    no letter of another script, except Latin inside a non-Latin language (names, brands, units),
+    where the first letter must be the language's own. Digits, punctuation and spaces are free.
+    The length bound is in the regex too: xgrammar ignores maxLength next to a pattern."""
+    ranges = {name: rx[1:-1] for name, rx in _SCRIPTS}
+    own = expected_scripts(language)
+    foreign = "".join(r for name, r in ranges.items() if name not in own | {"latin"})
+    if own == {"latin"}:
+        return f"^[^{foreign}]{{1,{max_chars}}}$" if max_chars else f"^[^{foreign}]+$"
+    lead = min(4, max_chars - 1) if max_chars else 4  # digits/punctuation before the first letter ("2021年")
+    rest = f"{{0,{max_chars - 1 - lead}}}" if max_chars else "*"
+    letters, mine = "".join(ranges.values()), "".join(ranges[name] for name in own)
+    return f"^[^{letters}]{{0,{lead}}}[{mine}][^{foreign}]{rest}$"
+
+
+def configuration_schema(candidates: Sequence[str]) -> dict[str, Any]:
+    """The Character is one of the candidates, written out as the prompt lists them (and as its
+    examples answer); Question_Type and Difficulty are the template's options."""
+    return _answer_schema("configuration", Character={"type": "string", "enum": list(candidates)},
+                          Question_Type={"type": "string", "enum": list(QUESTION_TYPES)},
+                          Difficulty={"type": "string", "enum": list(DIFFICULTIES)})
+
+
+def max_chars(words: int, language: str) -> int:
+    """Characters that `words` words of `language` take at most, about: scripts written without
+    spaces count 2 characters a word (as `count_words` does), others 8 (long words and the space)."""
+    dense = expected_scripts(language) & {"han", "kana", "thai"}
+    return words * (2 if dense else 8)
+
+
+def query_schema(length: int, language: str) -> dict[str, Any]:
+    """A query of about `length` words in `language`: up to twice that (`check_text` accepts three
+    times), so a query that runs on is closed well inside max_new_tokens (40 Chinese words, 80
+    characters, cost SmolLM2 ~135 tokens)."""
+    return _answer_schema("query", Query=_text_in(language, max_chars(max(2 * length, length + 5), language)))
+
+
+def translation_schema(language: str) -> dict[str, Any]:
+    return _answer_schema("translation", Translation=_text_in(language))
+
+
+def sts_schema(language: str) -> dict[str, Any]:
+    return _answer_schema("sts", Sentence=_text_in(language))
+
+
+CLASSIFICATION_DESCRIPTION_CHARS = 100  # "a short Description": unused in the pair, so kept cheap
+
+
+def classification_schema(labels: Sequence[str]) -> dict[str, Any]:
+    return _answer_schema("classification", Label={"type": "string", "enum": list(labels)},
+                          Description=_text(CLASSIFICATION_DESCRIPTION_CHARS))
 
 
 # ----------------------------------------------------------------------------- lenient parsing + validation
@@ -531,26 +618,36 @@ class Passage:
 def load_passages(paths: Sequence[str | Path], *, root: str | Path | None = None,
                   limit: int | None = None) -> list[Passage]:
     """Passages from JSONL files: BEIR corpus (`_id`, `text`, optional `title`) or any records with
-    `text`/`passage` (and optional `id`/`_id`, `lang`/`language`). The first `limit`, in file order."""
+    `text`/`passage` (and optional `id`/`_id`, `lang`/`language`). Several files are interleaved (one
+    passage of each in turn, in file order within each), so the first `limit` mix them all."""
+    streams = [_read_passages(resolve_path(p, root)) for p in paths]
     out: list[Passage] = []
-    for p in paths:
-        path = resolve_path(p, root)
-        for lineno, obj in iter_jsonl(path):
-            where = f"{path}:{lineno}"
-            text = obj.get("text") if obj.get("text") is not None else obj.get("passage")
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{where}: missing or empty field 'text' (or 'passage')")
-            title = obj.get("title") or ""
-            text = doc_text(title, text.strip()) if isinstance(title, str) else text.strip()
-            pid = obj.get("_id", obj.get("id", f"{path.stem}:{lineno}"))
-            lang = obj.get("language") or obj.get("lang")
-            lang = LANGUAGE_NAMES.get(str(lang).lower(), str(lang)) if lang else guess_language(text)
-            out.append(Passage(str(pid), text, lang, path.name))
+    while streams:
+        for stream in list(streams):
+            passage = next(stream, None)
+            if passage is None:
+                streams.remove(stream)
+                continue
+            out.append(passage)
             if limit and len(out) >= limit:
                 return out
     if not out:
         raise DataError(f"no passages in {', '.join(map(str, paths))}")
     return out
+
+
+def _read_passages(path: Path) -> Iterator[Passage]:
+    for lineno, obj in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        text = obj.get("text") if obj.get("text") is not None else obj.get("passage")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: missing or empty field 'text' (or 'passage')")
+        title = obj.get("title") or ""
+        text = doc_text(title, text.strip()) if isinstance(title, str) else text.strip()
+        pid = obj.get("_id", obj.get("id", f"{path.stem}:{lineno}"))
+        lang = obj.get("language") or obj.get("lang")
+        lang = LANGUAGE_NAMES.get(str(lang).lower(), str(lang)) if lang else guess_language(text)
+        yield Passage(str(pid), text, lang, path.name)
 
 
 def load_personas(path: str | Path) -> list[str]:
@@ -656,6 +753,8 @@ def make_plan(passage: Passage, cfg: SynthConfig) -> Plan:
     kinds = sorted(k for k, w in cfg.kinds.items() if w > 0)
     kind = rng.choices(kinds, weights=[cfg.kinds[k] for k in kinds])[0]
     language = rng.choice(cfg.languages)
+    if language.lower() == "passage":  # the passage's own language: Chinese passages get Chinese queries
+        language = passage.language
     length = rng.choice(cfg.query_lengths)
     targets = [lang for lang in cfg.bitext_languages if lang.lower() != passage.language.lower()]
     target = rng.choice(targets) if targets else None
@@ -676,6 +775,10 @@ def check_config(cfg: SynthConfig) -> None:
         raise ValueError("synth.bitext_languages is empty but synth.kinds asks for bitext pairs")
     if cfg.kinds.get("classification", 0) > 0 and len(cfg.labels) < 2:
         raise ValueError("synth.labels needs at least two labels for classification pairs")
+    if cfg.generator.structured and cfg.generator.json_prefill:
+        raise ValueError("synth.generator.json_prefill and synth.generator.structured are both on: "
+                         "structured decoding writes the whole answer, so it replaces the prefill; turn one "
+                         "of them off")
 
 
 # ----------------------------------------------------------------------------- one shard (runs in a worker)
@@ -743,6 +846,20 @@ def _prompt(job: _Job, stage: str, cfg: SynthConfig, prefill: bool) -> Messages:
         return sts_prompt(lead_sentences(p.passage.text, max_words=30), p.similarity or 5.0, p.passage.language,
                           prefill=prefill)
     return classification_prompt(passage, cfg.labels, p.passage.language, prefill=prefill)
+
+
+def _schema(job: _Job, stage: str, cfg: SynthConfig) -> dict[str, Any]:
+    """The JSON schema of the answer `_prompt(job, stage, ...)` asks for."""
+    p = job.plan
+    if stage == "configuration":
+        return configuration_schema(p.personas)
+    if stage == "query":
+        return query_schema(p.length, p.language)
+    if stage == "translation":
+        return translation_schema(p.target_language or "")
+    if stage == "sts":
+        return sts_schema(p.passage.language)
+    return classification_schema(cfg.labels)
 
 
 def _parse(job: _Job, stage: str, text: str, cfg: SynthConfig) -> dict[str, Any]:
@@ -825,8 +942,10 @@ def synthesize_shard(generator: Generator, plans: Sequence[Plan], cfg: SynthConf
         if not active:
             break
         prompts = [_prompt(j, _stages(j.plan.kind)[j.stage], cfg, prefill) for j in active]
+        schemas = ([_schema(j, _stages(j.plan.kind)[j.stage], cfg) for j in active]
+                   if gcfg.structured else None)
         texts = generator.generate(prompts, seed=_round_seed(cfg.seed, shard, rnd), temperature=gcfg.temperature,
-                                   max_new_tokens=gcfg.max_new_tokens)
+                                   max_new_tokens=gcfg.max_new_tokens, schemas=schemas)
         if len(texts) != len(prompts):
             raise GeneratorError(f"generator {generator.name!r} returned {len(texts)} answers for {len(prompts)} prompts")
         for job, text in zip(active, texts):
@@ -959,6 +1078,8 @@ def _content_settings(cfg: SynthConfig) -> dict[str, Any]:
         d["generator"].pop(k, None)
     if not d["generator"]["chat_template_kwargs"]:  # absent when unused: older folders still resume
         del d["generator"]["chat_template_kwargs"]
+    if not d["generator"]["structured"]:  # the same: folders made before structured decoding were without it
+        del d["generator"]["structured"]
     return d
 
 
@@ -979,7 +1100,11 @@ def _check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
 
 
 def _use_prefill(cfg: SynthConfig) -> bool:
+    """Structured decoding writes the whole answer (the grammar must see its opening), so it
+    replaces the prefill; without it the prefill is on by default for the local backends."""
     g = cfg.generator
+    if g.structured:
+        return False
     return g.json_prefill if g.json_prefill is not None else g.backend in ("transformers", "vllm")
 
 

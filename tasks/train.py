@@ -102,7 +102,11 @@ class EmbeddingBatch:
 def embedding_batch(pairs: Sequence[Pair], k: int, seed: int, batch: int) -> EmbeddingBatch:
     queries = [format_query(p.query, p.instruction) for p in pairs]
     positives = [format_query(p.positive, p.instruction) if p.symmetric else p.positive for p in pairs]
-    negatives = [sample_negatives(p, k, seed, batch, i) for i, p in enumerate(pairs)]
+    # symmetric pairs (STS, bitext): the instruction goes on every document of the pair, hard
+    # negatives included; an instruction on the positive only would let the model score the
+    # instruction's presence instead of the content
+    negatives = [[format_query(n, p.instruction) for n in sample_negatives(p, k, seed, batch, i)] if p.symmetric
+                 else sample_negatives(p, k, seed, batch, i) for i, p in enumerate(pairs)]
     ids = {t: i for i, t in enumerate(dict.fromkeys(positives))}
     pid = torch.tensor([ids[t] for t in positives])
     return EmbeddingBatch(queries, positives, negatives, pid[:, None] == pid[None, :])

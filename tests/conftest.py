@@ -104,7 +104,9 @@ class ScriptedLLM(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+        # the last user turn is the request (an earlier one may be the template's example)
+        system = body["messages"][0]["content"]
+        user = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
         if "select the appropriate option" in system:
             first = re.search(r"^\s*1\. (.+)$", user.split("**Character**")[-1], re.M).group(1)
             content = {"Character": first, "Question_Type": "keywords", "Difficulty": "university"}

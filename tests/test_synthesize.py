@@ -58,7 +58,7 @@ def _section(text: str, name: str) -> str:
 def scripted_answer(messages: list[dict], state: dict) -> str:
     """Answers like a well-behaved instruct LLM, except for the passages named below, which get the
     malformed answers a small model produces. `state` counts calls per (stage, passage)."""
-    system, user = messages[0]["content"], messages[1]["content"]
+    system, user = messages[0]["content"], [m for m in messages if m["role"] == "user"][-1]["content"]
     passage = _section(user, "Passage")
     key = passage[:20]
     state[key] = state.get(key, 0) + 1
@@ -102,7 +102,7 @@ class ScriptedGenerator:
         self.state: dict = {}
         self.calls: list[int] = []
 
-    def generate(self, prompts, *, seed, temperature, max_new_tokens):
+    def generate(self, prompts, *, seed, temperature, max_new_tokens, schemas=None):
         self.calls.append(len(prompts))
         return [scripted_answer(m, self.state) for m in prompts]
 
@@ -146,12 +146,19 @@ def test_configuration_prompt_follows_the_paper_template():
 def test_query_prompt_follows_the_paper_template():
     msgs = query_prompt("a nurse", "PASSAGE", "summary", "phd", 12, corpus_language="Chinese",
                         query_language="French")
-    text = msgs[0]["content"] + "\n\n" + msgs[1]["content"]
+    # the template's example is a demonstration turn: a request in the template's format and its answer
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert json.loads(msgs[2]["content"]) == {"Query": "How do mitochondria produce energy for the cell?"}
+    _in_order(msgs[1]["content"], ["**Character**\n", "**Passage**\nThe mitochondrion", "**Requirement**\n",
+                                   "- Type: acquire_knowledge;",
+                                   "- Language: the language in which the results are generated should be "
+                                   "English language;"])
+    text = msgs[0]["content"] + "\n\n" + msgs[3]["content"]
     _in_order(text, [
         "Given a **Character**, **Passage**, and **Requirement**, generate a query from the **Character**'s "
         "perspective that satisfies the **Requirement** and can be used to retrieve the **Passage**. Please return "
         "the result in JSON format.",
-        "Here is an example:", "<example>", '{"Query": ', "</example>",
+        "Here is an example:",
         "Now, generate the **output** based on the **Character**, **Passage** and **Requirement** from user, the "
         "**Passage** will be in Chinese language, the **Character** and **Requirement** will be in English.",
         "Ensure to generate only the JSON output, with the key in English and the value in French language.",
@@ -252,7 +259,7 @@ def test_transformers_backend_batches_and_continues_a_prefill():
     assert gen.generate(prompts, seed=4, temperature=0.8, max_new_tokens=8) != a
     # the shared template prefix is computed once and reused: same greedy output as without it
     greedy = gen.generate(prompts, seed=0, temperature=0.0, max_new_tokens=6)
-    assert gen._prefix is not None
+    assert gen._prefixes
     gen.min_prefix_tokens = 10**9
     assert gen.generate(prompts, seed=0, temperature=0.0, max_new_tokens=6) == greedy
     assert json_object_closed('{"a": "x"} trailing') and not json_object_closed('{"a": {"b": 1}')
