@@ -90,6 +90,9 @@ def build_derived(data: Path, derived: list) -> list[str]:
     built = []
     for d in derived or []:
         out = data / d.out
+        if not (data / d.source).is_file():
+            raise LineageError(f"{data / d.source}: data.derived builds {d.out} from this file, which {data.name}/ "
+                               f"lacks; add {d.source!r} to data.include, or drop {d.out!r} from data.derived")
         if d.kind == "sts_retrieval":
             if (out / "qrels" / "test.tsv").is_file():
                 continue

@@ -118,7 +118,7 @@ def test_retraining_promotes_skips_and_follows_the_rule(tmp_path_factory, shared
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = _project(tmp_path_factory, "retrain")
-    ov = [f"data.source={shared_data}", "data.include=[triplets-en, beir/nq-msmarco-hardneg]",
+    ov = [f"data.source={shared_data}", "data.include=[triplets-en, beir/nq-msmarco-hardneg]", "data.derived=[]",
           "synth.enabled=false", "stage1.enabled=false", "filter.enabled=false", "reranker.enabled=false",
           "stage2.data=[{path: data/triplets-en/snli_dev_triplets.jsonl, limit: 120}]"]
     first = retrain(preset="micro", overrides=ov, project_dir=str(root))

@@ -92,3 +92,11 @@ def test_symmetric_pairs_put_the_instruction_on_every_document():
     b = embedding_batch(pairs, 1, seed=0, batch=0)
     assert b.positives == [format_query("a cat is sitting", inst), "Paris is in France."]
     assert b.negatives == [[format_query("a dog runs", inst)], ["Rome is in Italy."]]
+
+
+def test_a_derived_set_whose_source_is_not_in_data_is_a_clear_error(tmp_path):
+    from tasks.lineage import LineageError, build_derived
+
+    (tmp_path / "data").mkdir()
+    with pytest.raises(LineageError, match=r"stsbenchmark-train-dev\.tsv: data\.derived builds beir/stsb-en-dev"):
+        build_derived(tmp_path / "data", [DerivedSet(source="sts-en/stsbenchmark-train-dev.tsv", out="beir/stsb-en-dev")])

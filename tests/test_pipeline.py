@@ -26,6 +26,7 @@ def overrides(shared_data: Path, llm_url: str, *extra: str) -> list[str]:
     return [
         f"data.source={shared_data}",
         "data.include=[passages/en-nq-msmarco.jsonl, personas/personahub-5k.txt, triplets-en, beir/nq-msmarco-hardneg]",
+        "data.derived=[]",
         "synth.generator.backend=openai", f"synth.generator.base_url={llm_url}", "synth.generator.model=scripted",
         "synth.num_passages=12", "synth.shard_size=6",
         "stage2.data=[{path: data/triplets-en/snli_dev_triplets.jsonl, limit: 200}]",
