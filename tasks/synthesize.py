@@ -282,25 +282,36 @@ def _text(max_chars: int | None = None) -> dict[str, Any]:
     return {"type": "string", "minLength": 1} | ({"maxLength": max_chars} if max_chars else {})
 
 
-def _text_in(language: str, max_chars: int | None = None) -> dict[str, Any]:
-    """A string written in `language`'s script, up to `max_chars` characters."""
-    return _text(max_chars) | {"pattern": script_pattern(language, max_chars)}
+def _text_in(language: str, max_chars: int | None = None, *, sentence: bool = False) -> dict[str, Any]:
+    """A string written in `language`'s script, up to `max_chars` characters; a `sentence` ends with
+    a full stop, question or exclamation mark."""
+    return _text(max_chars) | {"pattern": script_pattern(language, max_chars, end=_SENTENCE_END if sentence else "")}
 
 
-def script_pattern(language: str, max_chars: int | None = None) -> str:
+# A sentence's last character. Required of the STS sentence: small models do not escape a quote
+# inside a JSON string ("the series "Grimm" ..."), so without it the grammar ends the string at the
+# quote ("the series ") and the sentence is lost; with it the model has to write the title otherwise.
+_SENTENCE_END = "[.!?\u3002\uff01\uff1f]"
+_JSON_UNSAFE = r'"\\\u0000-\u001f'  # `"`, `\` and control characters: the pattern's text has no escapes
+
+
+def script_pattern(language: str, max_chars: int | None = None, *, end: str = "") -> str:
     """A regex of texts in `language`'s script (the rule `check_text` applies, as a constraint):
     no letter of another script, except Latin inside a non-Latin language (names, brands, units),
     where the first letter must be the language's own. Digits, punctuation and spaces are free.
-    The length bound is in the regex too: xgrammar ignores maxLength next to a pattern."""
+    `end`, a character class, is the last character. The length bound is in the regex too: xgrammar
+    ignores maxLength next to a pattern."""
     ranges = {name: rx[1:-1] for name, rx in _SCRIPTS}
     own = expected_scripts(language)
-    foreign = "".join(r for name, r in ranges.items() if name not in own | {"latin"})
+    # a negated class would also admit `"`, `\` and control characters, raw, into the JSON string
+    foreign = "".join(r for name, r in ranges.items() if name not in own | {"latin"}) + _JSON_UNSAFE
+    n = max_chars - (1 if end else 0) if max_chars else None  # characters before `end`
     if own == {"latin"}:
-        return f"^[^{foreign}]{{1,{max_chars}}}$" if max_chars else f"^[^{foreign}]+$"
-    lead = min(4, max_chars - 1) if max_chars else 4  # digits/punctuation before the first letter ("2021年")
-    rest = f"{{0,{max_chars - 1 - lead}}}" if max_chars else "*"
-    letters, mine = "".join(ranges.values()), "".join(ranges[name] for name in own)
-    return f"^[^{letters}]{{0,{lead}}}[{mine}][^{foreign}]{rest}$"
+        return f"^[^{foreign}]{{1,{n}}}{end}$" if n else f"^[^{foreign}]+{end}$"
+    lead = min(4, n - 1) if n else 4  # digits/punctuation before the first letter ("2021年")
+    rest = f"{{0,{n - 1 - lead}}}" if n else "*"
+    letters, mine = "".join(ranges.values()) + _JSON_UNSAFE, "".join(ranges[name] for name in own)
+    return f"^[^{letters}]{{0,{lead}}}[{mine}][^{foreign}]{rest}{end}$"
 
 
 def configuration_schema(candidates: Sequence[str]) -> dict[str, Any]:
@@ -330,7 +341,7 @@ def translation_schema(language: str) -> dict[str, Any]:
 
 
 def sts_schema(language: str) -> dict[str, Any]:
-    return _answer_schema("sts", Sentence=_text_in(language))
+    return _answer_schema("sts", Sentence=_text_in(language, sentence=True))
 
 
 CLASSIFICATION_DESCRIPTION_CHARS = 100  # "a short Description": unused in the pair, so kept cheap
@@ -580,7 +591,7 @@ def check_text(text: Any, source: str, *, language: str, what: str = "query", le
     if norm in {"query", "your query", "translation", "sentence", "label", "text"} or "**" in text \
             or re.search(r"\{(query|passage|character|type)\}", text, re.I):
         raise Reject("template_echo", text[:60])
-    if norm in _example_texts():
+    if any(f" {ex} " in f" {norm} " for ex in _example_texts()):  # the example, alone or with more text
         raise Reject("copied_example", text[:60])
     src = _norm_text(source)
     words = count_words(text)

@@ -16,13 +16,12 @@ import jsonschema
 import pytest
 
 from tasks.config import GeneratorConfig, SynthConfig, load_config
-from tasks.generate import build_generator
+from tasks.generate import Secret, build_generator
 from tasks.synthesize import (
     DIFFICULTIES, QUESTION_TYPES, Plan, _content_settings, _use_prefill, check_config, classification_prompt,
     classification_schema, configuration_prompt, configuration_schema, load_passages, make_plan, query_prompt,
     query_schema, script_pattern, sts_schema, synthesize_shard, translation_schema, truncate_words,
 )
-from tasks.generate import Secret
 from tests.test_synthesize import KEY, FakeOpenAI, ScriptedGenerator
 
 EN = "passages/en-nq-msmarco.jsonl"

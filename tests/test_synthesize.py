@@ -222,6 +222,7 @@ def test_generated_text_validation():
         ("wrought-iron lattice tower on the Champ de Mars", "copied_passage"),
         (passage, "copied_passage"),
         ("How do mitochondria produce energy for the cell?", "copied_example"),
+        ("On the stage, a guy plays the guitar. The tower is tall.", "copied_example"),
         ("埃菲尔铁塔有多高", "wrong_language"),
         ("what about the wrought-iron lattice tower on the Champ de Mars", "copied_passage"),
         ("how tall is it " * 4, "repetitive_query"),
@@ -399,8 +400,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep the test output clean
         pass
 
+    def _done(self) -> None:
+        """This request stops counting as active: before its answer is sent, since the client may
+        start its next request the moment it reads the answer (a loaded machine showed 4 of 3)."""
+        if getattr(self, "_active", False):
+            self._active = False
+            with self.server.lock:
+                self.server.active -= 1
+
     def _send(self, code: int, body: str | bytes, headers: dict | None = None) -> None:
         data = body.encode() if isinstance(body, str) else body
+        self._done()
         self.send_response(code)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
@@ -418,6 +428,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             action = srv.script.pop(0) if srv.script else ("llm",)
             srv.active += 1
             srv.max_active = max(srv.max_active, srv.active)
+        self._active = True
         try:
             time.sleep(srv.delay)
             auth = self.headers.get("Authorization", "")
@@ -433,8 +444,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 content = scripted_answer(body["messages"], srv.state)
             self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}))
         finally:
-            with srv.lock:
-                srv.active -= 1
+            self._done()
 
 
 def _openai(server: FakeOpenAI, **kw) -> OpenAIGenerator:
