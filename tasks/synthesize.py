@@ -283,9 +283,11 @@ def _text(max_chars: int | None = None) -> dict[str, Any]:
 
 
 def _text_in(language: str, max_chars: int | None = None, *, sentence: bool = False) -> dict[str, Any]:
-    """A string written in `language`'s script, up to `max_chars` characters; a `sentence` ends with
-    a full stop, question or exclamation mark."""
-    return _text(max_chars) | {"pattern": script_pattern(language, max_chars, end=_SENTENCE_END if sentence else "")}
+    """A string written in `language`'s script, of 1 to `max_chars` characters; a `sentence` ends
+    with a full stop, question or exclamation mark. The length is in the pattern, not in
+    minLength/maxLength, which xgrammar ignores (with a warning) next to a pattern."""
+    end = _SENTENCE_END if sentence else ""
+    return {"type": "string", "pattern": script_pattern(language, max_chars, end=end)}
 
 
 # A sentence's last character. Required of the STS sentence: small models do not escape a quote
@@ -299,8 +301,7 @@ def script_pattern(language: str, max_chars: int | None = None, *, end: str = ""
     """A regex of texts in `language`'s script (the rule `check_text` applies, as a constraint):
     no letter of another script, except Latin inside a non-Latin language (names, brands, units),
     where the first letter must be the language's own. Digits, punctuation and spaces are free.
-    `end`, a character class, is the last character. The length bound is in the regex too: xgrammar
-    ignores maxLength next to a pattern."""
+    `end`, a character class, is the last character; `max_chars` bounds the length."""
     ranges = {name: rx[1:-1] for name, rx in _SCRIPTS}
     own = expected_scripts(language)
     # a negated class would also admit `"`, `\` and control characters, raw, into the JSON string

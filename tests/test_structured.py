@@ -60,11 +60,14 @@ def test_configuration_schema_offers_exactly_the_prompts_choices(personas):
 
 
 def test_text_schemas_bound_length_and_script():
-    q = query_schema(10, "English")["properties"]["Query"]
-    assert q["maxLength"] == 8 * 20 and q["minLength"] == 1
-    jsonschema.validate({"Query": "how do mitochondria make energy"}, query_schema(10, "English"))
-    zh = query_schema(20, "Chinese")
-    assert zh["properties"]["Query"]["maxLength"] == 2 * 40  # 40 Chinese words: ~80 characters
+    en = query_schema(10, "English")  # up to 20 words: 160 characters
+    jsonschema.validate({"Query": "how do mitochondria make energy"}, en)
+    jsonschema.validate({"Query": "x" * 160}, en)
+    for bad in ["x" * 161, "", 'how "cells" work', "line\nbreak"]:  # no raw quote or newline: valid JSON
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"Query": bad}, en)
+    zh = query_schema(20, "Chinese")  # up to 40 Chinese words: 80 characters (76 without a "2021年" lead)
+    jsonschema.validate({"Query": "线" * 76}, zh)
     for ok in ["线粒体如何产生能量？", "2021年iPhone的价格是多少"]:
         jsonschema.validate({"Query": ok}, zh)
     for bad in ["How do mitochondria make energy?", "iPhone价格", "线粒体" * 30, "", "ミトコンドリア"]:
@@ -76,6 +79,8 @@ def test_text_schemas_bound_length_and_script():
     assert not re.fullmatch(script_pattern("English")[1:-1], "博物馆 is closed")
     jsonschema.validate({"Translation": "博物馆周一闭馆。"}, translation_schema("Chinese"))
     jsonschema.validate({"Sentence": "On stage a guy plays guitar."}, sts_schema("English"))
+    with pytest.raises(jsonschema.ValidationError):  # a sentence ends: not cut at an unescaped quote
+        jsonschema.validate({"Sentence": "The second season of the series "}, sts_schema("English"))
     labels = ["health", "sports"]
     schema = classification_schema(labels)
     assert schema["properties"]["Label"]["enum"] == labels
