@@ -71,13 +71,7 @@ def beir(folder: Path) -> tuple[list[str], list[str], list[set[int]]]:
 
 
 def ndcg10(q: np.ndarray, d: np.ndarray, rel: list[set[int]]) -> float:
-    top = np.argsort(-(q @ d.T), axis=1)[:, :10]
-    out = []
-    for row, r in zip(top, rel):
-        dcg = sum(1 / math.log2(i + 2) for i, j in enumerate(row) if j in r)
-        idcg = sum(1 / math.log2(i + 2) for i in range(min(10, len(r))))
-        out.append(dcg / idcg)
-    return float(np.mean(out))
+    return ndcg10_ranked(np.argsort(-(q @ d.T), axis=1), rel)
 
 
 def score(model_dir: Path, sets: dict, batch_size: int = 32) -> dict[str, float]:
@@ -148,11 +142,9 @@ def main(argv=None) -> dict:
     from tasks.train import train
 
     cfg = load_config(args.preset, args.overrides)
-    sets = {"stsb-en-dev": (*stsb_dev(args.data / "sts-en" / "stsbenchmark-train-dev.tsv"), STS_INSTRUCTION)}
-    q, c, r = beir(args.data / "beir" / "nq-msmarco-hardneg")
-    sets["nq-msmarco-hardneg"] = (q, c, r, NQ_INSTRUCTION)
-    sets["stsb-en-dev"] = (sets["stsb-en-dev"][0], sets["stsb-en-dev"][1], [{i} for i in sets["stsb-en-dev"][2]],
-                           STS_INSTRUCTION)
+    q, c, r = stsb_dev(args.data / "sts-en" / "stsbenchmark-train-dev.tsv")
+    sets = {"stsb-en-dev": (q, c, [{i} for i in r], STS_INSTRUCTION),
+            "nq-msmarco-hardneg": (*beir(args.data / "beir" / "nq-msmarco-hardneg"), NQ_INSTRUCTION)}
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"overrides": args.overrides, "stage": args.stage, "init": args.init, "checkpoints": {}}
     if args.no_train:
