@@ -17,13 +17,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import lineage, report, tracking
-from tasks.config import PipelineConfig, Resources, load_config
+from tasks.config import ModelConfig, PipelineConfig, Resources, load_config
 from tasks.distributed import init_ray, run_remote
 from tasks.stages import StageDir, merge_stage, stage_dir, stage_key, timed, train_resources, train_stage
 
@@ -207,8 +207,13 @@ def reranker(ctx: Context, filtered: dict | None) -> dict | None:
         resources=train_resources(cfg.reranker), params=_section(cfg, "reranker"))
 
 
-def evaluation(ctx: Context, name: str, model: str, model_key: str, reranker_model: str | None = None,
-               reranker_key: str | None = None) -> dict:
+def _model_label(model: str | ModelConfig) -> str:
+    """A model folder as it is, an untrained backbone (a ModelConfig) by its backbone name."""
+    return model.backbone if isinstance(model, ModelConfig) else str(model)
+
+
+def evaluation(ctx: Context, name: str, model: str | ModelConfig, model_key: str,
+               reranker_model: str | None = None, reranker_key: str | None = None) -> dict:
     from tasks.stages import eval_stage
 
     cfg = ctx.cfg
@@ -217,7 +222,7 @@ def evaluation(ctx: Context, name: str, model: str, model_key: str, reranker_mod
     return run_stage.with_options(name=sd.name)(
         ctx, sd, eval_stage, (model, cfg.eval, str(sd.path)),
         {"reranker": reranker_model, "data_root": str(ctx.root), "label": name},
-        resources=cfg.eval.resources, params={"model": model, **_section(cfg, "eval")})
+        resources=cfg.eval.resources, params={"model": _model_label(model), **_section(cfg, "eval")})
 
 
 def _section(cfg: PipelineConfig, name: str) -> dict:
@@ -269,7 +274,9 @@ def pipeline(preset: str = "smol", overrides: list[str] | None = None, ablation:
         rr = reranker(ctx, filtered)
         rr_merged = merging(ctx, rr, cfg.reranker_merge, "reranker-merge")
 
-        models: dict[str, tuple[str, str]] = {"backbone": (cfg.model.backbone, stage_key("backbone", model=cfg.model))}
+        # the backbone is scored as the preset configures it (layers kept, max lengths), through the
+        # same path as every trained model
+        models: dict[str, tuple[str | ModelConfig, str]] = {"backbone": (cfg.model, stage_key("backbone", model=cfg.model))}
         for name, res in (("stage1", s1), ("stage2", s2), ("merged", merged)):
             if res:
                 models[name] = (res["final"], res["key"])
@@ -284,7 +291,7 @@ def pipeline(preset: str = "smol", overrides: list[str] | None = None, ablation:
 
         summary = _summarise(ctx, results, final_name, models, final_rr, t_start, tags=tags, synth=synth,
                              overrides=overrides or [], config_files=config_files or [])
-        _log_final(ctx, summary, models[final_name][0], final_rr["final"] if final_rr else None)
+        _log_final(ctx, summary, _model_label(models[final_name][0]), final_rr["final"] if final_rr else None)
         status = "FINISHED"
         return summary
     finally:
@@ -325,7 +332,7 @@ def _summarise(ctx: Context, results: dict, final_name: str, models: dict, final
         "git_commit": tags["git_commit"], "config_hash": tags["config_hash"], "dvc_data_md5": tags["dvc_data_md5"],
         "config_hash_without_seeds": report.config_digest_without_seeds(flat), "seeds": report.seeds_of(flat),
         "overrides": list(overrides), "config_files": list(config_files),
-        "final_model": final_name, "final_model_path": models[final_name][0],
+        "final_model": final_name, "final_model_path": _model_label(models[final_name][0]),
         "reranker_path": final_rr["final"] if final_rr else None,
         "scores": table, "checks": report.stage_checks(table, final_name), "results": results,
         "synthesis": _read_json(synth["stats"]) if synth else None, "train_pairs": _train_pairs(models),

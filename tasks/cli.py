@@ -8,7 +8,6 @@ Configuration options shared by most commands:
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path

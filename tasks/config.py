@@ -29,7 +29,15 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # no unknown keys, no inf/nan (`loss.temperature=inf`), no true/false for a number (`steps=true`)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, v: Any, info) -> Any:
+        if isinstance(v, bool) and cls.model_fields[info.field_name].annotation in (int, float, int | None, float | None):
+            raise ValueError(f"expected a number, not {str(v).lower()}")
+        return v
 
 
 # ----------------------------------------------------------------------------- model
@@ -246,6 +254,11 @@ class SynthConfig(Strict):
     persona_retriever: str = "bundled:all-minilm-l6-v2"
     top_personas: int = Field(5, gt=0)
     num_passages: int | None = Field(64, gt=0)
+    exclude_relevant: list[str] = Field([], description="BEIR folders whose relevant documents (qrels) are never "
+                                                        "used as passages: dev positives stay out of training")
+    reuse: str | None = Field(None, description="a folder of shards made by `q3e synth` with these same settings "
+                                                "(e.g. committed to git): the run copies it instead of generating; "
+                                                "null = generate in the run")
     kinds: dict[str, float] = {"retrieval": 1.0}
     languages: list[str] = Field(["passage"], description="languages of the generated queries, drawn per "
                                                           "passage; 'passage' = the passage's own language")

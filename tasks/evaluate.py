@@ -38,7 +38,7 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.types import PromptType
 
 from tasks.config import EvalConfig, ModelConfig
-from tasks.data import DataError, atomic_write_text, iter_jsonl, load_beir
+from tasks.data import DataError, atomic_write_text, file_mode, iter_jsonl, load_beir
 from tasks.models import (
     DEFAULT_INSTRUCTION,
     MODEL_CARD,
@@ -181,6 +181,7 @@ class EmbeddingCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
         try:
+            os.fchmod(fd, file_mode())
             with os.fdopen(fd, "wb") as f:
                 np.save(f, emb)
             os.replace(tmp, path)
@@ -383,6 +384,13 @@ def load_reranker_model(spec: str | Path | ModelConfig | Reranker, *, device=Non
           if Path(rr.source).exists() else _slug(rr.source))
     spec_name = spec.backbone if isinstance(spec, ModelConfig) else str(spec)
     return LoadedModel(rr, _slug(Path(spec_name).name) + "-reranker", fp)
+
+
+def _model_settings(model) -> dict | None:
+    if not isinstance(model, Embedder):
+        return None
+    return {"num_layers": model.backbone.config.num_hidden_layers, "max_query_length": model.cfg.max_query_length,
+            "max_doc_length": model.cfg.max_doc_length}
 
 
 def as_mteb_encoder(model, *, prompts: TaskPrompts | None = None, dim: int | None = None,
@@ -841,6 +849,9 @@ def evaluate_model(
     meta = encoder.mteb_model_meta
     record = {
         "model": meta.name, "revision": meta.revision, "dim": dim,
+        # the settings the model was scored with (layers kept, max lengths): an untrained backbone
+        # is scored as its preset configures it, like every trained model
+        "model_settings": _model_settings(getattr(encoder, "model", None)),
         "reranker": rr.mteb_model_meta.name if rr is not None else None,
         "reranker_revision": rr.mteb_model_meta.revision if rr is not None else None,
         "rerank_top_k": rerank_top_k if rr is not None else None,

@@ -153,8 +153,14 @@ def ensure_data(root: str | Path, data_dir: str = "data", *, source: str | Path 
         old = read_dvc_file(dvc_file)["md5"] if dvc_file.is_file() else None
         _repo(root).add([str(root / data_dir)])
         version = read_dvc_file(dvc_file)["md5"]
-        log.warning("data: %s changed (%s -> %s): recorded as a new DVC version; commit %s.dvc to keep it",
-                    data_dir, old, version, data_dir)
+        if old is None:
+            log.info("data: recorded %s as version %s (%s.dvc); commit %s.dvc to keep it", data_dir, version,
+                     data_dir, data_dir)
+        elif version == old:  # e.g. a fresh clone: the copied files are the version data.dvc names
+            log.info("data: %s is version %s of %s.dvc; added to this machine's DVC cache", data_dir, version, data_dir)
+        else:
+            log.warning("data: %s changed (%s -> %s): recorded as a new DVC version; commit %s.dvc to keep it",
+                        data_dir, old, version, data_dir)
     push(root, [f"{data_dir}.dvc"], remote)
     return version
 

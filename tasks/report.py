@@ -248,6 +248,13 @@ def synthesis_markdown(summary: dict) -> str | None:
     if "stage1" in summary["scores"]:
         pairs = (summary.get("train_pairs") or {}).get("stage1", accepted)
         parts[0] += f" Stage 1 trained on {pairs} pairs."
+    run = stats.get("run") or {}
+    if run.get("reused_from"):
+        parts[0] += (f" The pairs were not generated in this run: its {run.get('shards_reused')} shards were "
+                     f"copied from `{run['reused_from']}` (made by `q3e synth` with the same settings; "
+                     f"`synth.reuse=null` generates them in the run).")
+    elif run.get("seconds") is not None:
+        parts[0] += f" Generated in this run in {run['seconds']:.0f} s with {run.get('workers')} worker(s)."
     for key, counts in stats.items():
         if key.startswith("by_") and isinstance(counts, dict) and counts:
             parts.append(_breakdown_table(key, counts))

@@ -115,7 +115,7 @@ def _under(root: str | None, paths: list[str]) -> list[str]:
     return [str(resolve_path(p, root)) for p in paths]
 
 
-def eval_stage(model: str, cfg, out_dir: str, *, reranker: str | None = None, data_root: str | None = None,
+def eval_stage(model, cfg, out_dir: str, *, reranker: str | None = None, data_root: str | None = None,
                label: str = "model") -> dict:
     """Evaluate one model (and optionally the reranker on its top-k) through mteb; local paths in
     the eval config are relative to the project root."""

@@ -627,16 +627,34 @@ class Passage:
     source: str  # file name
 
 
+def relevant_texts(folders: Sequence[str | Path], *, root: str | Path | None = None) -> set[str]:
+    """The texts (with and without title) of every document judged relevant in these BEIR folders."""
+    from tasks.data import load_beir
+
+    out: set[str] = set()
+    for folder in folders:
+        beir = load_beir(resolve_path(folder, root))
+        for judged in beir.qrels.values():
+            for cid, score in judged.items():
+                if score > 0:
+                    title, text = beir.corpus[cid]
+                    out |= {text.strip(), doc_text(title, text.strip())}
+    return out
+
+
 def load_passages(paths: Sequence[str | Path], *, root: str | Path | None = None,
-                  limit: int | None = None) -> list[Passage]:
+                  limit: int | None = None, exclude: set[str] | frozenset[str] = frozenset()) -> list[Passage]:
     """Passages from JSONL files: BEIR corpus (`_id`, `text`, optional `title`) or any records with
     `text`/`passage` (and optional `id`/`_id`, `lang`/`language`). Several files are interleaved (one
-    passage of each in turn, in file order within each), so the first `limit` mix them all."""
+    passage of each in turn, in file order within each), so the first `limit` mix them all. Passages
+    whose text is in `exclude` (e.g. `relevant_texts` of the dev sets) are skipped."""
     streams = [_read_passages(resolve_path(p, root)) for p in paths]
     out: list[Passage] = []
     while streams:
         for stream in list(streams):
             passage = next(stream, None)
+            while passage is not None and passage.text in exclude:
+                passage = next(stream, None)
             if passage is None:
                 streams.remove(stream)
                 continue
@@ -1083,7 +1101,7 @@ def rejected_name(i: int) -> str:
 def _content_settings(cfg: SynthConfig) -> dict[str, Any]:
     """The settings the shards' content depends on (not where or how fast it runs)."""
     d = cfg.model_dump(mode="json")
-    for k in ("enabled", "engine", "workers", "cpus_per_worker", "gpus_per_worker", "num_passages"):
+    for k in ("enabled", "engine", "workers", "cpus_per_worker", "gpus_per_worker", "num_passages", "reuse"):
         d.pop(k, None)
     for k in ("base_url", "api_key_env", "concurrency", "timeout_s", "http_retries", "backoff_s",
               "max_backoff_s", "vllm_args"):
@@ -1092,11 +1110,59 @@ def _content_settings(cfg: SynthConfig) -> dict[str, Any]:
         del d["generator"]["chat_template_kwargs"]
     if not d["generator"]["structured"]:  # the same: folders made before structured decoding were without it
         del d["generator"]["structured"]
+    if not d["exclude_relevant"]:  # the same: folders made before the setting existed
+        del d["exclude_relevant"]
     return d
 
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def synth_manifest(cfg: SynthConfig, root: str | Path | None = None) -> tuple[list[Passage], dict[str, Any]]:
+    """The passages a synthesis run uses and its manifest: everything its shards' content depends
+    on. Two runs with equal manifests write the same shards, so a folder with this manifest can be
+    resumed or reused (`synth.reuse`)."""
+    passages = load_passages(cfg.passages, root=root, limit=cfg.num_passages,
+                             exclude=relevant_texts(cfg.exclude_relevant, root=root))
+    persona_path = resolve_path(cfg.personas, root)
+    return passages, {
+        "prompt_version": PROMPT_VERSION, "settings": _content_settings(cfg),
+        "passages": _sha("\n".join(f"{p.source}|{p.id}|{p.text}" for p in passages).encode()),
+        "personas": _sha(persona_path.read_bytes()) if persona_path.is_file() else None,
+        "persona_retriever": cfg.persona_retriever, "num_shards": math.ceil(len(passages) / cfg.shard_size),
+    }
+
+
+def _reuse(cfg: SynthConfig, root: Path, out_dir: Path, manifest: dict[str, Any]) -> str | None:
+    """Copy the shards of `cfg.reuse` (a folder made by `q3e synth` with the same settings) into
+    `out_dir`; returns the folder, or None (with a warning naming what differs) when it was made
+    with other settings or is missing, in which case the run generates its own."""
+    import shutil
+
+    src = resolve_path(cfg.reuse, root)
+    if not (src / "manifest.json").is_file():
+        log.warning("synth.reuse: %s has no manifest.json (not a `q3e synth` folder): generating in this run", src)
+        return None
+    made = json.loads((src / "manifest.json").read_text())
+    diff = sorted(k for k in set(made) | set(manifest) if made.get(k) != manifest.get(k))
+    if diff:
+        log.warning("synth.reuse: %s was made with other settings (%s differ): generating in this run; "
+                    "`q3e synth --out %s` with these settings remakes it", src, ", ".join(diff), cfg.reuse)
+        return None
+    shards = [shard_name(i) for i in range(manifest["num_shards"])]
+    if not all((src / name).is_file() for name in shards):
+        log.warning("synth.reuse: %s lacks some of its %d shards: generating the missing ones in this run",
+                    src, len(shards))
+    for name in ["manifest.json"] + [rejected_name(i) for i in range(manifest["num_shards"])] + shards:
+        if (src / name).is_file() and not (out_dir / name).is_file():  # shards last: each marks one done
+            (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            tmp = out_dir / (name + ".tmp")
+            shutil.copyfile(src / name, tmp)
+            os.replace(tmp, out_dir / name)
+    log.info("synthesis: reusing %s (made by `q3e synth` with these settings; synth.reuse=null generates "
+             "the pairs in this run instead)", src)
+    return str(cfg.reuse)
 
 
 def _check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
@@ -1133,17 +1199,12 @@ def synthesize(cfg: SynthConfig, out_dir: str | Path, *, data_root: str | Path |
     check_config(cfg)
     out_dir = Path(out_dir)
     root = Path(data_root) if data_root is not None else Path.cwd()
-    passages = load_passages(cfg.passages, root=root, limit=cfg.num_passages)
+    passages, manifest = synth_manifest(cfg, root)
     persona_path = resolve_path(cfg.personas, root)
     plans = [make_plan(p, cfg) for p in passages]
-    n_shards = math.ceil(len(plans) / cfg.shard_size)
-    manifest = {
-        "prompt_version": PROMPT_VERSION, "settings": _content_settings(cfg),
-        "passages": _sha("\n".join(f"{p.source}|{p.id}|{p.text}" for p in passages).encode()),
-        "personas": _sha(persona_path.read_bytes()) if persona_path.is_file() else None,
-        "persona_retriever": cfg.persona_retriever, "num_shards": n_shards,
-    }
+    n_shards = manifest["num_shards"]
     out_dir.mkdir(parents=True, exist_ok=True)
+    reused_from = _reuse(cfg, root, out_dir, manifest) if cfg.reuse else None
     _check_manifest(out_dir, manifest)
     missing = [i for i in range(n_shards) if not (out_dir / shard_name(i)).is_file()]
     todo_plans = [pl for i in missing for pl in plans[i * cfg.shard_size:(i + 1) * cfg.shard_size]]
@@ -1188,6 +1249,7 @@ def synthesize(cfg: SynthConfig, out_dir: str | Path, *, data_root: str | Path |
     new_accepted = sum(1 for i in missing for _ in iter_jsonl(out_dir / shard_name(i)))
     stats["run"] = {
         "workers": cfg.workers, "shards_generated": len(missing), "shards_reused": n_shards - len(missing),
+        "reused_from": reused_from,
         "passages_generated": len(todo_plans), "accepted_generated": new_accepted,
         "seconds": round(seconds, 2), "generation_seconds": round(gen_seconds, 2),
         "accepted_per_min": round(60 * new_accepted / seconds, 2) if missing else None,
@@ -1263,6 +1325,8 @@ def print_summary(stats: dict[str, Any], *, title: str) -> None:
     run = stats.get("run") or {}
     if run:
         t.add_row("shards generated / reused", f"{run['shards_generated']} / {run['shards_reused']}")
+        if run.get("reused_from"):
+            t.add_row("reused from", f"{run['reused_from']} (synth.reuse=null regenerates)")
         t.add_row("time", f"{run['seconds']:.1f} s with {run['workers']} worker(s)")
         if run.get("accepted_per_min") is not None:
             t.add_row("throughput", f"{run['accepted_per_min']:.1f} accepted pairs/min")

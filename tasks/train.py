@@ -229,18 +229,20 @@ def reranker_examples(pairs: Sequence[Pair], k: int, seed: int, batch: int) -> t
 
 def reranker_step(model: Reranker, pairs: Sequence[Pair], cfg: TrainConfig, seed: int, batch: int,
                   scale: float) -> tuple[float, int]:
+    """Backward of the yes/no SFT loss (mean over the step's examples), in forward passes of
+    `mini_batch_size` (default LENGTH_BUCKET) examples of similar token count: the same loss and
+    gradients up to float rounding, but a short NLI pair is not padded to the longest passage."""
     examples, labels = reranker_examples(pairs, cfg.hard_negatives, seed, batch)
-    chunk = cfg.mini_batch_size or len(examples)
+    ids = [model.token_ids([q], [d], instr)[0] for q, d, instr in examples]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    chunk = cfg.mini_batch_size or LENGTH_BUCKET
     total, tokens = 0.0, 0
-    for i in range(0, len(examples), chunk):
-        part = examples[i: i + chunk]
-        ids = []
-        for q, d, instr in part:
-            ids.extend(model.token_ids([q], [d], instr))
-        input_ids, mask = _pad_left(ids, model.pad_id, model.device)
+    for s in range(0, len(order), chunk):
+        part = order[s: s + chunk]
+        input_ids, mask = _pad_left([ids[i] for i in part], model.pad_id, model.device)
         tokens += int(mask.sum())
         logits = model(input_ids, mask)
-        y = torch.tensor(labels[i: i + chunk], device=logits.device)
+        y = torch.tensor([labels[i] for i in part], device=logits.device)
         loss = reranker_sft_loss(logits, y, model.yes_id, model.no_id, two_token=cfg.two_token)
         (loss * scale * len(part) / len(examples)).backward()
         total += float(loss.detach()) * len(part) / len(examples)

@@ -3,7 +3,6 @@ schedule, on the micro preset with real Prefect, Ray, MLflow and DVC."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest

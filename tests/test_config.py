@@ -31,6 +31,9 @@ def test_overrides_are_typed_and_nested():
     ("stage2.loss.temperature=-0.5", "stage2.loss.temperature: Input should be greater than 0"),
     ("merge.num_checkpoints=1", "merge.num_checkpoints"),
     ("model.embedding_dim=0", "model.embedding_dim"),
+    ("stage2.steps=true", "stage2.steps: Value error, expected a number, not true"),
+    ("stage2.loss.temperature=inf", "stage2.loss.temperature: Input should be a finite number"),
+    ("stage2.lr=nan", "stage2.lr: Input should be a finite number"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

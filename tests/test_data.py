@@ -86,3 +86,18 @@ def test_beir_errors(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="file not found"):
         read_pairs(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_honour_the_umask(tmp_path, umask, mode):
+    """Atomic writes go through mkstemp (0600) but land with the mode a plain open() would give."""
+    import os
+
+    from tasks.data import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        path = atomic_write_text(tmp_path / "out.json", "{}")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode

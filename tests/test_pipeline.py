@@ -76,6 +76,17 @@ def test_every_stage_runs_and_leaves_its_artifacts(runs, project):
     assert (project / "runs" / "runs" / s["run_id"] / "summary.json").is_file()
 
 
+def test_backbone_is_scored_with_the_presets_model_settings(runs, project):
+    """The untrained backbone row is like-for-like: same max lengths (micro: 32/64, not the 64/128
+    defaults) and the same layers as every trained model."""
+    settings = {}
+    for name in ("backbone", "stage2"):
+        res = json.loads(next(project.glob(f"runs/artifacts/eval-{name}/*/results.json")).read_text())
+        settings[name] = res["model_settings"]
+    assert settings["backbone"] == settings["stage2"]
+    assert settings["backbone"]["max_query_length"] == 32 and settings["backbone"]["max_doc_length"] == 64
+
+
 def test_failed_run_resumed_at_the_failed_stage(runs):
     flags = cached(runs["resumed"])
     assert flags["synthesis"] and flags["stage1"] and flags["filter"]

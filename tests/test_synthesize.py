@@ -251,6 +251,19 @@ def test_plans_are_deterministic_and_follow_the_mix(shared_data):
 
 # ----------------------------------------------------------------------------- the local backend
 
+def test_dev_positives_are_never_synthesis_passages(shared_data):
+    """synth.exclude_relevant: the relevant documents of a dev set are skipped, the count is kept."""
+    from tasks.synthesize import relevant_texts
+
+    path = shared_data / "passages" / "en-nq-msmarco.jsonl"
+    positives = relevant_texts([shared_data / "beir" / "nq-msmarco-hardneg"])
+    plain = load_passages([path], limit=320)
+    kept = load_passages([path], limit=320, exclude=positives)
+    assert len({p.text for p in plain} & positives) == 4  # p0, p99, p200, p301 are dev positives
+    assert len(kept) == 320 and not {p.text for p in kept} & positives
+    assert [p.id for p in kept][:3] == ["p1", "p2", "p3"]
+
+
 def test_transformers_backend_batches_and_continues_a_prefill():
     gen = build_generator(GeneratorConfig(model="micro", batch_size=2))
     prompts = [classification_prompt("passage " * n, ["a", "b"], "English", prefill=True) for n in (3, 30, 9)]
@@ -314,6 +327,17 @@ def test_synthesize_with_a_scripted_llm(ray_session, shared_data, personas_file,
         synthesize(cfg.model_copy(update={"seed": 1}), out, generator_factory=ScriptedGenerator, progress=False)
     again = synthesize(cfg, out, generator_factory=ScriptedGenerator, progress=False)
     assert again.stats["run"]["shards_generated"] == 0 and again.stats["accepted"] == 4
+
+    # synth.reuse: a folder made with the same settings is copied, not generated, and the run says so
+    reused = synthesize(cfg.model_copy(update={"reuse": str(out)}), tmp_path / "copy",
+                        generator_factory=ScriptedGenerator, progress=False)
+    assert reused.stats["run"]["shards_generated"] == 0 and reused.stats["run"]["reused_from"] == str(out)
+    assert [f.read_bytes() for f in reused.shards] == [f.read_bytes() for f in res.shards]
+    assert reused.stats["accepted"] == 4 and reused.stats["rejection_reasons"] == stats["rejection_reasons"]
+    # ... and one made with other settings is not: the run generates its own
+    other = synthesize(cfg.model_copy(update={"reuse": str(out), "seed": 1}), tmp_path / "other",
+                       generator_factory=ScriptedGenerator, progress=False)
+    assert other.stats["run"]["shards_generated"] == 4 and other.stats["run"]["reused_from"] is None
 
 
 class CrashingGenerator:

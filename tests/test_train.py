@@ -3,8 +3,8 @@ the reranker objective, atomic checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -181,3 +181,20 @@ def test_length_buckets_give_the_one_pass_embeddings_and_gradients_in_input_orde
     torch.testing.assert_close(e4, e0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g4, g0, rtol=1e-4, atol=1e-5)
     assert not torch.equal(e0[0], e0[1])  # distinct texts: a permutation would be caught
+
+
+def test_reranker_length_buckets_give_the_one_pass_loss_and_gradients(micro_cfg, snli_pairs):
+    """A reranker step in forward passes of similar-length examples equals one padded pass."""
+    from tasks.train import reranker_step
+
+    model = Reranker.load(micro_cfg.model, device="cpu")
+    pairs = [dataclasses.replace(p, positive=p.positive * (1 + 3 * (i % 2))) for i, p in enumerate(snli_pairs[:6])]
+    results = []
+    for mini in (100, 4):  # one pass of all 12 examples / buckets of 4
+        cfg = micro_cfg.reranker.model_copy(update={"mini_batch_size": mini, "hard_negatives": 1})
+        model.zero_grad(set_to_none=True)
+        loss, tokens = reranker_step(model, pairs, cfg, 0, 0, 1.0)
+        results.append((loss, tokens, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    (l0, t0, g0), (l4, t4, g4) = results
+    assert abs(l4 - l0) < 1e-5 and t4 == t0  # the same loss over the same real tokens
+    torch.testing.assert_close(g4, g0, rtol=1e-4, atol=1e-5)
