@@ -300,6 +300,12 @@ def _load(cls, auto: str, cfg: ModelConfig | str, device, lora: LoraConfig | Non
             raise
         raise ModelLoadError(f"{path}: the model needs code shipped with it to load; running that code is off "
                              f"unless you set model.trust_remote_code=true (only for a source you trust)") from e
+    except Exception as e:  # a damaged weights file: safetensors' own errors name neither file nor folder
+        if type(e).__name__ != "SafetensorError":
+            raise
+        files = sorted(str(f) for f in Path(path).glob("*.safetensors")) if Path(path).is_dir() else [str(path)]
+        raise ModelLoadError(f"{', '.join(files) or path}: damaged weights file ({e}); re-export or retrain "
+                             f"this model, or use one of its other checkpoints") from e
     backbone.config.use_cache = False
     if cfg.num_layers is not None:
         truncate_layers(backbone, cfg.num_layers, path)

@@ -277,25 +277,79 @@ def save_checkpoint(model, optimizer, scheduler, out_dir: Path, step: int, cfg: 
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
     atomic_write_text(tmp / "state.json", json.dumps({"step": step, "history_len": len(history)}))
+    fsync_tree(tmp)  # on disk before it is named: a power cut never leaves a named, truncated checkpoint
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    for old in list_checkpoints(out_dir)[: -cfg.keep_checkpoints]:
+    fsync_tree(final.parent, files=False)
+    # while the stage runs it keeps at least two, so a damaged newest one has a fallback (`resume`)
+    for old in list_checkpoints(out_dir)[: -max(2, cfg.keep_checkpoints)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _load_checkpoint_weights(model, ckpt: Path, cfg: TrainConfig) -> None:
+def fsync_tree(path: Path, *, files: bool = True) -> None:
+    """fsync every file under `path` (if `files`) and every folder, `path` included."""
+    import os
+
+    for p in sorted(path.rglob("*")) if files else []:
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in [path, *(q for q in path.rglob("*") if q.is_dir())] if files else [path]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read: names the file and the reason."""
+
+
+def read_checkpoint(ckpt: Path, cfg: TrainConfig, device) -> tuple[dict, dict, dict]:
+    """(weights, trainer state, state.json) of a checkpoint, read in full before anything is applied
+    to a model; CheckpointError names the damaged file."""
+    from safetensors.torch import load_file
+
+    def read(path: Path, fn):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        try:
+            return fn(path)
+        except Exception as e:  # safetensors, pickle and zip errors have no common base
+            raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:200]})") from e
+
+    files = ([ckpt / "adapter" / "adapter_model.safetensors"] if cfg.lora.enabled
+             else sorted((ckpt / "model").glob("*.safetensors")) or [ckpt / "model" / "model.safetensors"])
+    weights: dict = {}
+    for f in files:
+        weights.update(read(f, lambda q: load_file(str(q))))
+    trainer = read(ckpt / "trainer_state.pt", lambda q: torch.load(q, weights_only=True, map_location=device))
+    for key in ("optimizer", "scheduler", "torch_rng"):
+        if key not in trainer:
+            raise CheckpointError(f"{ckpt / 'trainer_state.pt'}: lacks {key!r}")
+    meta = read(ckpt / "state.json", lambda q: json.loads(q.read_text()))
+    return weights, trainer, meta
+
+
+def _load_checkpoint_weights(model, ckpt: Path, cfg: TrainConfig, state: dict | None = None) -> None:
     from safetensors.torch import load_file
 
     if cfg.lora.enabled:
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model.backbone, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
+        set_peft_model_state_dict(model.backbone, state if state is not None else
+                                  load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
         return
-    state = {}
-    for f in sorted((ckpt / "model").glob("*.safetensors")):
-        state.update(load_file(str(f)))
+    if state is None:
+        state = {}
+        for f in sorted((ckpt / "model").glob("*.safetensors")):
+            state.update(load_file(str(f)))
     target = model.backbone
     missing, unexpected = target.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(target.config, "tie_word_embeddings", False) else set()
@@ -423,17 +477,21 @@ def build_optimizer(model, cfg: TrainConfig):
 def resume(model, optimizer, scheduler, out_dir: Path, cfg: TrainConfig) -> tuple[int, list[dict]]:
     """Load the newest complete checkpoint of `out_dir`, if any; returns (its step, the history up to it)."""
     existing = list_checkpoints(out_dir)
-    if not existing:
-        return 0, []
-    ckpt = existing[-1]
-    _load_checkpoint_weights(model, ckpt, cfg)
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location=model.device)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"].cpu())
-    meta = json.loads((ckpt / "state.json").read_text())
-    log.info("%s: resuming from %s (step %d of %d)", out_dir, ckpt.name, meta["step"], cfg.steps)
-    return meta["step"], _read_history(out_dir)[: meta["history_len"]]
+    for ckpt in reversed(existing):  # newest first; a damaged one (truncated file, tampered state) is skipped
+        try:
+            weights, state, meta = read_checkpoint(ckpt, cfg, model.device)
+        except CheckpointError as e:
+            log.warning("%s: cannot resume from it (%s); trying the previous checkpoint", ckpt.name, e)
+            continue
+        _load_checkpoint_weights(model, ckpt, cfg, weights)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        log.info("%s: resuming from %s (step %d of %d)", out_dir, ckpt.name, meta["step"], cfg.steps)
+        return meta["step"], _read_history(out_dir)[: meta["history_len"]]
+    if existing:
+        log.warning("%s: none of its %d checkpoints can be read; training from the start", out_dir, len(existing))
+    return 0, []
 
 
 def effective_batch_size(n: int, cfg: TrainConfig, out_dir: Path) -> int:
@@ -456,7 +514,7 @@ def write_final(model, out_dir: Path, cfg: TrainConfig, history: list[dict], n: 
                 step_times: list[float], start: int) -> TrainResult:
     """Write `out_dir/final` (model, loss plot, train_summary.json) atomically; the run's result."""
     write_history(out_dir, history)
-    checkpoints = [c / "model" for c in list_checkpoints(out_dir)]
+    checkpoints = [c / "model" for c in list_checkpoints(out_dir)][-cfg.keep_checkpoints:]
     sps = float(np.median(step_times)) if step_times else 0.0
     peak = _peak_memory_mb(model.device)
     final = out_dir / "final"
@@ -469,9 +527,12 @@ def write_final(model, out_dir: Path, cfg: TrainConfig, history: list[dict], n: 
         "checkpoints": [str(c) for c in checkpoints], "resumed_from": start,
         "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
     }, indent=2))
+    fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    for old in list_checkpoints(out_dir)[: -cfg.keep_checkpoints]:  # the stage is complete: keep_checkpoints
+        shutil.rmtree(old, ignore_errors=True)
     return TrainResult(out_dir, final, checkpoints, history, sps, peak, resumed_from=start)
 
 

@@ -188,3 +188,13 @@ def test_bundled_smollm2_has_the_chatml_and_yes_no_tokens():
     assert sum(p.numel() for p in r.backbone.parameters()) > 100_000_000
     s = r.score(["what color is the sky"], ["The sky is blue on a clear day."])
     assert 0 < s[0] < 1
+
+
+def test_a_damaged_weights_file_is_named(micro_cfg, tmp_path):
+    """merge / encode / eval on a truncated model.safetensors: one line naming the file."""
+    import os
+
+    folder = Embedder.load(micro_cfg.model, device="cpu").save(tmp_path / "m") or tmp_path / "m"
+    os.truncate(tmp_path / "m" / "model.safetensors", 1000)
+    with pytest.raises(ModelLoadError, match=r"m/model.safetensors: damaged weights file"):
+        Embedder.load(str(folder))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 
 import numpy as np
 import pytest
@@ -66,6 +68,37 @@ def test_resume_gives_bit_identical_weights(micro_cfg, snli_pairs, tmp_path):
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     again = train(cfg, micro_cfg.model, tmp_path / "cut", pairs=snli_pairs, progress=False)
     assert again.skipped
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "tampered trainer state", "missing state"])
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(micro_cfg, snli_pairs, tmp_path, caplog, damage):
+    """A truncated model.safetensors (a power cut before fsync), a trainer_state.pt that is not a
+    torch state, or a missing file: resuming names the file, takes the previous checkpoint, and
+    ends with the weights of an uninterrupted run. A stage keeps two checkpoints while it runs
+    (keep_checkpoints: 1 here), so there is one to fall back to."""
+    cfg = micro_cfg.stage2.model_copy(update={"steps": 6, "batch_size": 8, "checkpoint_every": 2,
+                                              "hard_negatives": 1, "keep_checkpoints": 1})
+    full = train(cfg, micro_cfg.model, tmp_path / "full", pairs=snli_pairs, progress=False)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, micro_cfg.model, tmp_path / "cut", pairs=snli_pairs, progress=False, stop_after=5)
+    newest = tmp_path / "cut" / "checkpoints" / "step-000004"
+    assert [c.name for c in list_checkpoints(tmp_path / "cut")] == ["step-000002", "step-000004"]
+    bad = {"truncated weights": newest / "model" / "model.safetensors",
+           "tampered trainer state": newest / "trainer_state.pt",
+           "missing state": newest / "trainer_state.pt"}[damage]
+    if damage == "truncated weights":
+        os.truncate(bad, 1000)
+    elif damage == "tampered trainer state":
+        bad.write_bytes(b"not a torch file")
+    else:
+        bad.unlink()
+    caplog.set_level(logging.WARNING, logger="tasks.train")
+    resumed = train(cfg, micro_cfg.model, tmp_path / "cut", pairs=snli_pairs, progress=False)
+    assert resumed.resumed_from == 2
+    assert any(str(bad) in r.getMessage() and "step-000004" in r.getMessage() for r in caplog.records)
+    a, b = _weights(full.final), _weights(resumed.final)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [c.parent.name for c in resumed.checkpoints] == ["step-000006"]  # complete: keep_checkpoints
 
 
 def test_keeps_only_the_last_checkpoints(micro_cfg, snli_pairs, tmp_path):
