@@ -37,7 +37,7 @@ def ablate(preset: str = "smol", only: list[str] | None = None, overrides: list[
     client = mlflow.MlflowClient()
     parent = client.create_run(experiment_id, run_name=f"ablations-{preset}", tags={
         "preset": preset, "ablation": "sweep", "pipeline": "ablations", "config_hash": cfg.digest(),
-        "git_commit": tracking.git_commit(root), "settings": ",".join(settings)})
+        "git_commit": tracking.git_commit(root), "settings": ",".join(settings), **tracking.driver_tags()})
     pid = parent.info.run_id
     t0 = time.perf_counter()
     summaries: dict[str, dict] = {}

@@ -254,6 +254,8 @@ def pipeline(preset: str = "smol", overrides: list[str] | None = None, ablation:
             "git_commit": tracking.git_commit(root), "dvc_data_md5": data_md5, "pipeline": "full"}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
+    tags.update(tracking.driver_tags())  # a later run marks this one KILLED if its driver dies uncleanly
+    tracking.mark_dead_runs(experiment_id)
     parent = client.create_run(experiment_id, run_name=f"{cfg.preset}-{cfg.ablation}", tags=tags)
     pid = parent.info.run_id
     tracking.log_params(pid, cfg.flat())

@@ -184,12 +184,59 @@ def comparison_table(experiment: str, filter_string: str = "", metric_prefix: st
     df = search_runs(experiment, filter_string)
     if df.empty:
         return df
-    keep = {"run_id": "run_id", "start_time": "start", "tags.preset": "preset", "tags.ablation": "ablation",
-            "tags.dvc_data_md5": "data", "tags.config_hash": "config"}
+    keep = {"run_id": "run_id", "start_time": "start", "status": "status", "tags.preset": "preset",
+            "tags.ablation": "ablation", "tags.dvc_data_md5": "data", "tags.config_hash": "config"}
     cols = [c for c in keep if c in df] + sorted(c for c in df if c.startswith(f"metrics.{metric_prefix}"))
     out = df[cols].rename(columns={**keep, **{c: c[len("metrics."):] for c in cols if c.startswith("metrics.")}})
     if "start" in out:
         out["start"] = out["start"].astype(str).str[:19]
     if "data" in out:
         out["data"] = out["data"].astype(str).str[:10]
+    return out
+
+
+# ----------------------------------------------------------------------------- runs whose driver died
+
+def driver_tags() -> dict[str, str]:
+    """Tags that let a later run tell whether this run's driver is still alive."""
+    import socket
+
+    return {"driver_host": socket.gethostname(), "driver_pid": str(os.getpid()),
+            "driver_start": str(_process_start(os.getpid()))}
+
+
+def _process_start(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of a process, or None: with the pid, it names one
+    process even after the pid is reused."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def mark_dead_runs(experiment_id: str) -> list[str]:
+    """Runs left RUNNING by a driver of this host that no longer exists (killed with SIGKILL, a
+    power cut) are set to KILLED, so `q3e runs compare` does not show them as running; returns their ids."""
+    import socket
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    host, out = socket.gethostname(), []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get("driver_host") != host or not tags.get("driver_pid", "").isdigit():
+            continue  # another machine's run, or one from before these tags: not ours to judge
+        pid = int(tags["driver_pid"])
+        if _process_start(pid) is not None and str(_process_start(pid)) == tags.get("driver_start"):
+            continue  # still running
+        client.set_terminated(run.info.run_id, status="KILLED")
+        out.append(run.info.run_id)
+        children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and "
+                                                       "attributes.status = 'RUNNING'", max_results=1000)
+        for child in children:  # its stages' runs died with it
+            client.set_terminated(child.info.run_id, status="KILLED")
+    if out:
+        log.warning("MLflow: %d run(s) left RUNNING by a driver that no longer exists marked KILLED: %s",
+                    len(out), ", ".join(out))
     return out
