@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tasks.config import DerivedSet, ModelConfig
+from tasks.config import DerivedSet
 from tasks.data import DataError, Pair, load_beir, read_pairs, sts_to_beir, sts_to_pairs
 from tasks.models import Embedder, ModelLoadError, format_query
 
@@ -100,3 +100,26 @@ def test_a_derived_set_whose_source_is_not_in_data_is_a_clear_error(tmp_path):
     (tmp_path / "data").mkdir()
     with pytest.raises(LineageError, match=r"stsbenchmark-train-dev\.tsv: data\.derived builds beir/stsb-en-dev"):
         build_derived(tmp_path / "data", [DerivedSet(source="sts-en/stsbenchmark-train-dev.tsv", out="beir/stsb-en-dev")])
+
+
+def test_the_committed_presynthesised_set_is_what_the_smol_preset_would_generate(shared_data, tmp_path):
+    """The default run reuses presynthesised/smol only if its manifest equals the one the smol
+    preset's synthesis would write: a change to the preset's synth settings without `q3e synth
+    --preset smol --out presynthesised/smol` would make every default run generate for half an
+    hour, so it fails here first."""
+    from pathlib import Path
+
+    from tasks.config import load_config
+    from tasks.synthesize import iter_jsonl, shard_name, synth_manifest
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config("smol").synth
+    (tmp_path / "data").symlink_to(shared_data)  # data/ as the pipeline copies it from ../shared/data
+    passages, manifest = synth_manifest(cfg, tmp_path)
+    folder = root / cfg.reuse
+    assert json.loads((folder / "manifest.json").read_text()) == manifest
+    records = [r for i in range(manifest["num_shards"]) for _, r in iter_jsonl(folder / shard_name(i))]
+    stats = json.loads((folder / "stats.json").read_text())
+    assert len(records) == stats["accepted"] >= 0.9 * len(passages)
+    assert {r["meta"]["task"] for r in records} == {"retrieval", "bitext", "sts", "classification"}
+    assert {r["meta"]["language"] for r in records} >= {"English", "Chinese"}
