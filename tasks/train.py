@@ -337,19 +337,13 @@ def read_checkpoint(ckpt: Path, cfg: TrainConfig, device) -> tuple[dict, dict, d
     return weights, trainer, meta
 
 
-def _load_checkpoint_weights(model, ckpt: Path, cfg: TrainConfig, state: dict | None = None) -> None:
-    from safetensors.torch import load_file
-
+def _load_checkpoint_weights(model, ckpt: Path, cfg: TrainConfig, state: dict) -> None:
+    """Apply a checkpoint's weights (as `read_checkpoint` returned them) to the model."""
     if cfg.lora.enabled:
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model.backbone, state if state is not None else
-                                  load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
+        set_peft_model_state_dict(model.backbone, state)
         return
-    if state is None:
-        state = {}
-        for f in sorted((ckpt / "model").glob("*.safetensors")):
-            state.update(load_file(str(f)))
     target = model.backbone
     missing, unexpected = target.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(target.config, "tie_word_embeddings", False) else set()

@@ -194,7 +194,7 @@ def test_a_damaged_weights_file_is_named(micro_cfg, tmp_path):
     """merge / encode / eval on a truncated model.safetensors: one line naming the file."""
     import os
 
-    folder = Embedder.load(micro_cfg.model, device="cpu").save(tmp_path / "m") or tmp_path / "m"
-    os.truncate(tmp_path / "m" / "model.safetensors", 1000)
+    folder = Embedder.load(micro_cfg.model, device="cpu").save(tmp_path / "m")
+    os.truncate(folder / "model.safetensors", 1000)
     with pytest.raises(ModelLoadError, match=r"m/model.safetensors: damaged weights file"):
         Embedder.load(str(folder))
