@@ -4,12 +4,21 @@ Configuration options shared by most commands:
   --preset NAME        conf/presets/NAME.yaml (micro, smol, qwen3-0.6b, qwen3-4b, qwen3-8b)
   --config FILE        extra YAML overlays (repeatable)
   KEY.SUB=VALUE ...    overrides, e.g. stage2.steps=10 stage2.loss.temperature=0.02
+  --debug              (anywhere on the line, or Q3E_DEBUG=1) print the traceback of a failure;
+                       without it a failure is one `error:` line and its traceback goes to a file
+
+Commands that start services (run, ablate, rerun, retrain, schedule, synth, filter, train, eval)
+start a watchdog first (tasks/reaper.py): the Prefect server and Ray processes they start are
+stopped when the command ends, however it ends (a SIGKILL included).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -25,11 +34,38 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="extra YAML overlay files,
 OverridesArg = typer.Argument(None, help="overrides key.sub=value, e.g. stage2.steps=10")
 
 
+DEBUG_ENV = "Q3E_DEBUG"
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+class _NoFailureEcho(logging.Filter):
+    """Prefect logs a failed flow or task run with its traceback (and then its state, with the
+    exception's text again); `main` reports the failure as one line, so without --debug those
+    records are dropped. Everything else Prefect logs passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info or record.levelno >= logging.ERROR:
+            return False
+        return not str(record.msg).startswith("Finished in state Failed")
+
+
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    """Log to stderr; start the watchdog that stops this command's services when it ends."""
+    from tasks import reaper
+
+    logging.basicConfig(level=logging.DEBUG if verbose or debugging() else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not debugging():
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _NoFailureEcho) for f in logger.filters):
+                logger.addFilter(_NoFailureEcho())
+    reaper.start()
 
 
 def _config(preset: str, overrides: Optional[List[str]], files: Optional[List[Path]] = None, ablation: str | None = None):
@@ -556,9 +592,37 @@ def report_cmd(
     typer.echo(f"wrote {out}")
 
 
-def main() -> None:  # pragma: no cover - console entry
-    app()
+def one_line(e: BaseException) -> str:
+    """`error:` text of an exception: the project's own errors by their message (it names the file
+    and field), anything else with its type; on one line."""
+    text = " ".join(str(e).split()) or repr(e)
+    return text if type(e).__module__.startswith(("tasks.", "flows.")) else f"{type(e).__name__}: {text}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `q3e` console entry: runs a command; a failure is one `error:` line on stderr (exit 1)
+    and its traceback is written to a file the line names, or printed with --debug / Q3E_DEBUG=1."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args:
+        args = [a for a in args if a != "--debug"]
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        app(args=args, prog_name="q3e")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        typer.secho("error: interrupted; rerun the same command to resume where it stopped", fg="red", err=True)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every failure ends as one line
+        if debugging():
+            raise
+        fd, path = tempfile.mkstemp(prefix="q3e-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join(traceback.format_exception(e)))
+        typer.secho(f"error: {one_line(e)} (traceback: {path}; --debug prints it)", fg="red", err=True)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    sys.exit(main())

@@ -2,7 +2,9 @@
 or spread shards over a pool of Ray actors.
 
 With no address configured, a local Ray instance is started with the machine's CPUs and no
-dashboard; `infra.ray_address` (or RAY_ADDRESS) points at a cluster instead (`auto`,
+dashboard, reachable from this machine only: every Ray process listens on 127.0.0.1 (Ray's own
+local-only mode, `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`; set it to 1 to open the local instance
+to other nodes), and Ray's token authentication stays on; `infra.ray_address` (or RAY_ADDRESS) points at a cluster instead (`auto`,
 `ray://head:10001`, `10.0.0.5:6379`): configuration only. On a cluster, the run folder must be
 on storage every node sees (NFS, a mounted bucket), as stage inputs and outputs are paths.
 
@@ -27,6 +29,27 @@ FORWARDED_ENV = ("Q3E_CACHE_DIR", "Q3E_CONF_DIR", "Q3E_SHARED_DATA", "HF_HOME", 
                  "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_HUB_DISABLE_PROGRESS_BARS")
 
 
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def local_only() -> None:
+    """Make the next local `ray.init()` bind every Ray process to 127.0.0.1.
+
+    Ray on Linux advertises the machine's external address and its gRPC servers listen on every
+    interface; on macOS and Windows it keeps to the loopback address. That mode is switched by
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when Ray is imported (so the module constant is
+    set too, for a Ray already imported) and inherited by the processes Ray starts. A value the
+    user set is left as it is."""
+    if LOCAL_ONLY_ENV in os.environ:
+        return
+    os.environ[LOCAL_ONLY_ENV] = "0"
+    import sys
+
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, *, object_store_mb: int | None = None):
     """Connect to `address` (or RAY_ADDRESS), else start a local instance; idempotent."""
     import ray
@@ -40,6 +63,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, object_
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        local_only()
         kwargs: dict[str, Any] = dict(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
                                       runtime_env=runtime_env, log_to_driver=True)
         if object_store_mb:
@@ -94,6 +118,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
+        local_only()
         ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield

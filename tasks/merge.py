@@ -200,7 +200,13 @@ def load_checkpoint(folder: str | Path) -> StateDict:
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
     state: StateDict = {}
     for f in _weight_files(folder):
-        for key, tensor in load_file(f).items():
+        try:
+            tensors = load_file(f)
+        except Exception as e:  # safetensors' own errors name neither file nor folder
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise ValueError(f"{f}: damaged weights file ({e}); use another checkpoint or re-export this one") from e
+        for key, tensor in tensors.items():
             if key in state:
                 raise ValueError(
                     f"tensor {key!r} appears in more than one safetensors file of {folder} (again in {f})"

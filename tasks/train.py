@@ -31,7 +31,7 @@ import torch
 
 from tasks.config import ModelConfig, TrainConfig
 from tasks.data import Pair, atomic_write_text, load_sources
-from tasks.diskspace import ensure_free_space
+from tasks.diskspace import DiskSpaceError, ensure_free_space
 from tasks.losses import mrl_infonce, improved_infonce, reranker_sft_loss
 from tasks.models import Embedder, Reranker, _model_config, _pad_left, format_query
 
@@ -268,16 +268,26 @@ def save_checkpoint(model, optimizer, scheduler, out_dir: Path, step: int, cfg: 
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save(tmp / "model", extra={"step": step})
-    if cfg.lora.enabled:
-        model.backbone.save_pretrained(tmp / "adapter", safe_serialization=True)
-    # AdamW keeps two tensors per trainable parameter
-    state_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    ensure_free_space(tmp, state_bytes, "the optimizer state (trainer_state.pt)")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
-    atomic_write_text(tmp / "state.json", json.dumps({"step": step, "history_len": len(history)}))
-    fsync_tree(tmp)  # on disk before it is named: a power cut never leaves a named, truncated checkpoint
+    try:
+        model.save(tmp / "model", extra={"step": step})
+        if cfg.lora.enabled:
+            model.backbone.save_pretrained(tmp / "adapter", safe_serialization=True)
+        # AdamW keeps two tensors per trainable parameter
+        state_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        ensure_free_space(tmp, state_bytes, "the optimizer state (trainer_state.pt)")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+        atomic_write_text(tmp / "state.json", json.dumps({"step": step, "history_len": len(history)}))
+        fsync_tree(tmp)  # on disk before it is named: a power cut never leaves a named, truncated checkpoint
+    except Exception as e:  # safetensors, torch and the OS each report a full disk their own way
+        # the disk filled up (or the file size limit was hit) after the free-space check: the partial
+        # checkpoint is removed, the previous ones stay, and the error names what was being written
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, DiskSpaceError) or not _out_of_space(e):
+            raise
+        raise DiskSpaceError(f"{final}: no space left while writing the checkpoint ({e}); the partial "
+                             f"checkpoint was removed, the previous ones are kept: free space and rerun "
+                             f"to resume") from e
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -286,6 +296,17 @@ def save_checkpoint(model, optimizer, scheduler, out_dir: Path, step: int, cfg: 
     for old in list_checkpoints(out_dir)[: -max(2, cfg.keep_checkpoints)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _out_of_space(e: BaseException) -> bool:
+    """A full disk, a quota or the file size limit, as the OS or a library says it (torch's zip
+    writer raises RuntimeError, safetensors its own SafetensorError with the OS's text)."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    text = str(e).lower()
+    return any(s in text for s in ("no space left", "file too large", "disk quota", "file write failed"))
 
 
 def fsync_tree(path: Path, *, files: bool = True) -> None:
@@ -395,42 +416,42 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | str, out_dir: str | Path, *
     batch_size = effective_batch_size(n, cfg, out_dir)
     step_times: list[float] = []
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"train {out_dir.name}", unit="step")
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum, tokens, n_pairs = 0.0, 0, 0
-        for micro in range(cfg.grad_accum):
-            b = step * cfg.grad_accum + micro
-            chunk = [pairs[i] for i in batch_indices(n, b, batch_size, cfg.seed)]
-            n_pairs += len(chunk)
-            if cfg.objective == "embedding":
-                eb = embedding_batch(chunk, cfg.hard_negatives, cfg.seed, b)
-                loss_sum += embedding_step(model, eb, config_at_step(cfg, step), 1.0 / cfg.grad_accum) / cfg.grad_accum
-                tokens += eb.num_texts
-            else:
-                loss, tok = reranker_step(model, chunk, cfg, cfg.seed, b, 1.0 / cfg.grad_accum)
-                loss_sum += loss / cfg.grad_accum
-                tokens += tok
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm \
-            else float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        dt = time.perf_counter() - t0
-        step_times.append(dt)
-        rec = step_record(cfg, step + 1, loss_sum, lr, grad_norm, dt, n_pairs, tokens)
-        history.append(rec)
-        _append_history(out_dir, rec)
-        if on_log and (step + 1) % cfg.log_every == 0:
-            on_log(step + 1, {k: v for k, v in rec.items() if k != "step"})
-        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", pairs_s=f"{n_pairs / dt:.1f}")
-        bar.update(1)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(model, optimizer, scheduler, out_dir, step + 1, cfg, history)
-        if stop_after is not None and step + 1 - start >= stop_after and step + 1 < cfg.steps:
-            bar.close()
-            raise TrainingInterrupted(step + 1)
-    bar.close()
+    with bar:  # closed however the loop ends, so an error line starts on a line of its own
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, tokens, n_pairs = 0.0, 0, 0
+            for micro in range(cfg.grad_accum):
+                b = step * cfg.grad_accum + micro
+                chunk = [pairs[i] for i in batch_indices(n, b, batch_size, cfg.seed)]
+                n_pairs += len(chunk)
+                if cfg.objective == "embedding":
+                    eb = embedding_batch(chunk, cfg.hard_negatives, cfg.seed, b)
+                    loss = embedding_step(model, eb, config_at_step(cfg, step), 1.0 / cfg.grad_accum)
+                    loss_sum += loss / cfg.grad_accum
+                    tokens += eb.num_texts
+                else:
+                    loss, tok = reranker_step(model, chunk, cfg, cfg.seed, b, 1.0 / cfg.grad_accum)
+                    loss_sum += loss / cfg.grad_accum
+                    tokens += tok
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm \
+                else float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            rec = step_record(cfg, step + 1, loss_sum, lr, grad_norm, dt, n_pairs, tokens)
+            history.append(rec)
+            _append_history(out_dir, rec)
+            if on_log and (step + 1) % cfg.log_every == 0:
+                on_log(step + 1, {k: v for k, v in rec.items() if k != "step"})
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", pairs_s=f"{n_pairs / dt:.1f}")
+            bar.update(1)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                save_checkpoint(model, optimizer, scheduler, out_dir, step + 1, cfg, history)
+            if stop_after is not None and step + 1 - start >= stop_after and step + 1 < cfg.steps:
+                raise TrainingInterrupted(step + 1)
     return write_final(model, out_dir, cfg, history, n, step_times, start)
 
 
