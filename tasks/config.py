@@ -128,6 +128,9 @@ class DataSource(Strict):
     split: str = "test"
     limit: int | None = Field(None, gt=0)
     skip_bad_lines: bool = Field(False, description="skip malformed lines (their count is logged) instead of stopping")
+    mine_negatives: int = Field(0, ge=0, description="BEIR folders: top each query's hard negatives up to this many "
+                                                     "with the corpus documents BM25 ranks highest among those not "
+                                                     "relevant to it (tasks/mining.py); 0 = judged negatives only")
 
 
 class DistributedConfig(Strict):

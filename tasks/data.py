@@ -481,11 +481,27 @@ def doc_text(title: str, text: str) -> str:
     return f"{title} {text}".strip() if title else text
 
 
-def pairs_from_beir(beir: Beir, *, instruction: str | None = None, symmetric: bool = False) -> list[Pair]:
-    """One Pair per relevant (score > 0) judgement; judged non-relevant documents are its hard negatives."""
+def pairs_from_beir(beir: Beir, *, instruction: str | None = None, symmetric: bool = False,
+                    mine_negatives: int = 0) -> list[Pair]:
+    """One Pair per relevant (score > 0) judgement; judged non-relevant documents are its hard
+    negatives, topped up to `mine_negatives` with the corpus documents BM25 ranks highest for the
+    query among those not judged relevant to it (tasks/mining.py)."""
+    mined: dict[str, list[str]] = {}
+    if mine_negatives > 0:
+        from tasks.mining import mine
+
+        ids = list(beir.corpus)
+        position = {c: i for i, c in enumerate(ids)}
+        qids = list(beir.qrels)
+        relevant = [{position[c] for c, s in beir.qrels[q].items() if s > 0} for q in qids]
+        found = mine([beir.queries[q] for q in qids], [doc_text(*beir.corpus[c]) for c in ids], relevant,
+                     mine_negatives)
+        mined = {q: [ids[j] for j in js] for q, js in zip(qids, found)}
     pairs = []
     for qid, judged in beir.qrels.items():
-        negatives = tuple(doc_text(*beir.corpus[c]) for c, s in judged.items() if s <= 0)
+        judged_neg = [c for c, s in judged.items() if s <= 0]
+        extra = [c for c in mined.get(qid, []) if c not in judged][: max(0, mine_negatives - len(judged_neg))]
+        negatives = tuple(doc_text(*beir.corpus[c]) for c in judged_neg + extra)
         for cid, score in judged.items():
             if score > 0:
                 pairs.append(Pair(beir.queries[qid], doc_text(*beir.corpus[cid]), negatives, instruction, symmetric,
@@ -510,9 +526,11 @@ def load_source(src: DataSource, root: str | Path | None = None, *, skip_bad_lin
     if fmt == "auto":
         fmt = "beir" if is_beir(path) else "pairs"
     if fmt == "beir":
-        pairs = pairs_from_beir(load_beir(path, src.split, skip_bad_lines=skip),
-                                instruction=src.instruction, symmetric=src.symmetric)
+        pairs = pairs_from_beir(load_beir(path, src.split, skip_bad_lines=skip), instruction=src.instruction,
+                                symmetric=src.symmetric, mine_negatives=src.mine_negatives)
         return pairs[: src.limit] if src.limit else pairs
+    if src.mine_negatives:
+        raise DataError(f"{path}: mine_negatives needs a BEIR folder (a corpus to mine from); this is a pairs file")
     if path.is_dir():  # a folder of JSONL shards (synthesis / filtering output)
         files = sorted(path.glob("shard-*.jsonl")) or sorted(path.glob("*.jsonl"))
         if not files:
@@ -569,6 +587,17 @@ def file_mode() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def honour_umask(folder: str | Path) -> None:
+    """Give the files under `folder` that a library wrote 0600 (safetensors 0.8 writes through a
+    private temporary file) the mode the umask asks for, as every other output of the project has."""
+    mode = file_mode()
+    if mode == 0o600:
+        return
+    for p in Path(folder).rglob("*"):
+        if p.is_file() and not p.is_symlink() and p.stat().st_mode & 0o777 == 0o600:
+            p.chmod(mode)
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from tasks.data import honour_umask
 from tasks.diskspace import ensure_free_space
 
 StateDict = dict[str, Tensor]
@@ -271,6 +272,7 @@ def slerp_merge(
             "base": str(base_path) if base_path is not None else None,
         }
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        honour_umask(tmp)
 
         if out_dir.exists():
             old = out_dir.parent / f"{out_dir.name}.old-{os.getpid()}"

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.config import LoraConfig, ModelConfig
+from tasks.data import honour_umask
 from tasks.diskspace import ensure_free_space
 from tasks.losses import reranker_score, truncate_normalize
 
@@ -77,6 +78,7 @@ def _atomic_materialise(target: Path, build) -> Path:
     tmp.mkdir(parents=True)
     try:
         build(tmp)
+        honour_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -449,6 +451,7 @@ class Embedder(nn.Module):
         (path / MODEL_CARD).write_text(json.dumps(card | (extra or {}), indent=2))
         if sentence_transformers:
             write_sentence_transformers_files(path, self.cfg, self.hidden_size)
+        honour_umask(path)
         return path
 
 
@@ -584,6 +587,7 @@ class Reranker(nn.Module):
         (path / MODEL_CARD).write_text(json.dumps(card | (extra or {}), indent=2))
         if cross_encoder:
             export_cross_encoder(merged, self.tokenizer, path / "cross-encoder", self.yes_id, self.no_id, self.cfg)
+        honour_umask(path)
         return path
 
 

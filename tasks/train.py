@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from tasks.config import ModelConfig, TrainConfig
-from tasks.data import Pair, atomic_write_text, load_sources
+from tasks.data import Pair, atomic_write_text, honour_umask, load_sources
 from tasks.diskspace import DiskSpaceError, ensure_free_space
 from tasks.losses import mrl_infonce, improved_infonce, reranker_sft_loss
 from tasks.models import Embedder, Reranker, _model_config, _pad_left, format_query
@@ -278,6 +278,7 @@ def save_checkpoint(model, optimizer, scheduler, out_dir: Path, step: int, cfg: 
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
         atomic_write_text(tmp / "state.json", json.dumps({"step": step, "history_len": len(history)}))
+        honour_umask(tmp)
         fsync_tree(tmp)  # on disk before it is named: a power cut never leaves a named, truncated checkpoint
     except Exception as e:  # safetensors, torch and the OS each report a full disk their own way
         # the disk filled up (or the file size limit was hit) after the free-space check: the partial

@@ -101,3 +101,29 @@ def test_written_files_honour_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == mode
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_saved_models_checkpoints_and_merges_honour_the_umask(micro_cfg, shared_data, tmp_path, umask, mode):
+    """safetensors writes 0600 whatever the umask: every file of a trained stage's output (its
+    checkpoints, the final model with its sentence-transformers files) and of a merge lands with the
+    umask's mode."""
+    import os
+
+    from tasks.config import DataSource
+    from tasks.merge import slerp_merge
+    from tasks.train import train
+
+    cfg = micro_cfg.stage2.model_copy(update={
+        "data": [DataSource(path=str(shared_data / "triplets-en" / "snli_dev_triplets.jsonl"), limit=16)],
+        "steps": 2, "batch_size": 4, "checkpoint_every": 1, "keep_checkpoints": 2})
+    old = os.umask(umask)
+    try:
+        res = train(cfg, micro_cfg.model, tmp_path / "train", progress=False)
+        merged = slerp_merge(res.checkpoints[-2:], tmp_path / "merged")
+    finally:
+        os.umask(old)
+    files = [p for d in (tmp_path / "train", merged) for p in d.rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in files) and len(files) > 10
+    assert {p.stat().st_mode & 0o777 for p in files} == {mode}, \
+        sorted((oct(p.stat().st_mode & 0o777), str(p)) for p in files if p.stat().st_mode & 0o777 != mode)
