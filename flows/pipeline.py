@@ -292,7 +292,7 @@ def pipeline(preset: str = "smol", overrides: list[str] | None = None, ablation:
             results["reranker"] = evaluation(ctx, "reranker", path, key, final_rr["final"], final_rr["key"])["results"]
 
         summary = _summarise(ctx, results, final_name, models, final_rr, t_start, tags=tags, synth=synth,
-                             overrides=overrides or [], config_files=config_files or [])
+                             overrides=overrides or [], config_files=config_files or [], merged=merged)
         _log_final(ctx, summary, _model_label(models[final_name][0]), final_rr["final"] if final_rr else None)
         status = "FINISHED"
         return summary
@@ -320,7 +320,7 @@ def main_scores(results: dict) -> dict[str, float]:
 
 def _summarise(ctx: Context, results: dict, final_name: str, models: dict, final_rr: dict | None,
                t_start: float, *, tags: dict, synth: dict | None, overrides: list[str],
-               config_files: list[str]) -> dict:
+               config_files: list[str], merged: dict | None = None) -> dict:
     """The run's summary.json: everything `q3e report` needs, so a report never asks MLflow."""
     from datetime import datetime, timezone
 
@@ -337,6 +337,9 @@ def _summarise(ctx: Context, results: dict, final_name: str, models: dict, final
         "final_model": final_name, "final_model_path": _model_label(models[final_name][0]),
         "reranker_path": final_rr["final"] if final_rr else None,
         "scores": table, "checks": report.stage_checks(table, final_name), "results": results,
+        "merge": {"checkpoints": [Path(c).parent.name if Path(c).name == "model" else Path(c).name
+                                  for c in merged["checkpoints"]],
+                  "relative_spread": merged.get("relative_spread")} if merged else None,
         "synthesis": _read_json(synth["stats"]) if synth else None, "train_pairs": _train_pairs(models),
         "stages": ctx.timings, "wall_s": total, "compute_s": compute,
         "overhead_s": total - compute, "data_md5": ctx.data_md5,

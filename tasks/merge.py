@@ -216,6 +216,20 @@ def load_checkpoint(folder: str | Path) -> StateDict:
     return state
 
 
+def relative_spread(state_dicts: list[StateDict], base: StateDict | None = None) -> float:
+    """How far apart the checkpoints are: max_i |sd_i - sd_0| / |sd_0 - base| over all floating
+    tensors as one vector (base = 0 without one). Slerp of checkpoints this close is their weighted
+    average to within spread^2, so the merge cannot move far from any of them."""
+    ref = [(k, t) for k, t in state_dicts[0].items() if torch.is_floating_point(t)]
+    scale = math.sqrt(sum(float(torch.sum((t.double() - (base[k].double() if base is not None else 0)) ** 2))
+                          for k, t in ref))
+    if scale == 0:
+        return 0.0
+    far = max(math.sqrt(sum(float(torch.sum((sd[k].double() - t.double()) ** 2)) for k, t in ref))
+              for sd in state_dicts[1:])
+    return far / scale
+
+
 def slerp_merge(
     checkpoints: list[str | Path],
     out_dir: str | Path,
@@ -226,7 +240,8 @@ def slerp_merge(
 
     The output is the first checkpoint's folder (config, tokenizer, sentence-transformers files,
     subfolders: copied verbatim) with its weights replaced by one merged `model.safetensors`, plus
-    `merge.json` (method "slerp" or "task_slerp" when `base` is given, paths, weights, base).
+    `merge.json` (method "slerp" or "task_slerp" when `base` is given, paths, weights, base, and
+    `relative_spread`, how far apart the checkpoints are: see `relative_spread`).
     It is built in `<out_dir>.tmp-<pid>` and renamed into place, so `out_dir` is either the old
     folder or the complete new one, never half written.
     """
@@ -250,6 +265,7 @@ def slerp_merge(
     except ValueError as err:
         names = ", ".join(f"{i}={p}" for i, p in enumerate(paths))
         raise ValueError(f"{err} (checkpoints: {names}; base: {base_path})") from err
+    spread = relative_spread(state_dicts, base_sd)
     del state_dicts, base_sd
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -270,6 +286,7 @@ def slerp_merge(
             "checkpoints": [str(p) for p in paths],
             "weights": weights,
             "base": str(base_path) if base_path is not None else None,
+            "relative_spread": spread,
         }
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         honour_umask(tmp)

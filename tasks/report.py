@@ -273,14 +273,32 @@ def run_report(summary: dict) -> str:
             f"Reproduce: `{reproduce_command(summary)}`  ",
             f"Regenerate this text: `q3e report {rid}`", *_dirty_warning(commit)]
     checks = stage_checks(summary["scores"], summary["final_model"])
+    why = merge_note(summary, checks)
     sections = ["\n".join(head),
                 "### Main scores\n\n" + results_table(summary) + "\n\n" + _score_note(summary),
-                "### Stage checks\n\n" + checks_markdown(checks)]
+                "### Stage checks\n\n" + checks_markdown(checks) + (f"\n\n{why}" if why else "")]
     synth = synthesis_markdown(summary)
     if synth:
         sections.append("### Synthesis\n\n" + synth)
     sections.append("### Wall time\n\n" + stages_table(summary))
     return "\n\n".join(sections) + "\n"
+
+
+def merge_note(summary: dict, checks: list[dict]) -> str | None:
+    """Why the merged model scores below stage 2 where it does: the checkpoints it merged (merge.json's
+    `relative_spread`) and the size of the gap, so a reader can tell a rounding-level difference
+    from a merge that hurt."""
+    failed = [c for c in checks if c["model"] == "merged" and not c["passed"] and c["task"] != "mean"]
+    merge = summary.get("merge") or {}
+    if not failed or merge.get("relative_spread") is None:
+        return None
+    gap = max(c["baseline_score"] - c["score"] for c in failed)
+    names = ", ".join(merge.get("checkpoints") or []) or "its checkpoints"
+    return (f"Why merged < stage2 on {', '.join(c['task'] for c in failed)} (by at most {gap:.4f}): it slerps "
+            f"{names}, which are {100 * merge['relative_spread']:.2f} % apart (relative L2 distance of the "
+            f"weights); slerp of checkpoints this close is practically their average. A merge that moves further "
+            f"needs checkpoints further apart (`merge.num_checkpoints`, `checkpoint_every`) or "
+            f"`merge.method: task_slerp`.")
 
 
 def _score_note(summary: dict) -> str:

@@ -99,8 +99,12 @@ def merge_stage(checkpoints: list[str], out_dir: str, *, weights: list[float] | 
                 base: str | None = None) -> dict:
     from tasks.merge import slerp_merge
 
+    from tasks.merge import MERGE_RECORD
+
     path = slerp_merge(checkpoints, Path(out_dir) / "model", weights=weights, base=base)
-    return {"final": str(path), "checkpoints": checkpoints, "method": "task_slerp" if base else "slerp"}
+    spread = json.loads((path / MERGE_RECORD).read_text())["relative_spread"]
+    return {"final": str(path), "checkpoints": checkpoints, "method": "task_slerp" if base else "slerp",
+            "relative_spread": spread}
 
 
 def timed(fn, *args, **kwargs) -> tuple[Any, float]:

@@ -180,6 +180,17 @@ def test_missing_extra_key_and_shape_mismatch_raise_with_key_and_index() -> None
         slerp_state_dicts([a, b])
 
 
+def test_relative_spread_is_the_farthest_checkpoint_over_the_reference() -> None:
+    from tasks.merge import relative_spread
+
+    a = {"w": torch.tensor([3.0, 4.0]), "step": torch.tensor([1])}
+    b = {"w": torch.tensor([3.0, 4.5]), "step": torch.tensor([1])}
+    c = {"w": torch.tensor([3.0, 5.0]), "step": torch.tensor([1])}
+    assert relative_spread([a, b, c]) == pytest.approx(1.0 / 5.0)  # |c - a| / |a|, integer buffers ignored
+    base = {"w": torch.tensor([3.0, 3.0]), "step": torch.tensor([1])}
+    assert relative_spread([a, b], base) == pytest.approx(0.5 / 1.0)  # relative to the delta a - base
+
+
 def test_task_vector_variant() -> None:
     base, a, b = _sd(10), _sd(0), _sd(1)
     merged = slerp_state_dicts([a, b], base=base)
@@ -239,7 +250,11 @@ def test_folder_merge_loads_and_matches_slerp(two_checkpoints: tuple[Path, Path]
     assert (out / "README.md").read_bytes() == (a / "README.md").read_bytes()
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
     record = json.loads((out / "merge.json").read_text())
+    spread = record.pop("relative_spread")
     assert record == {"method": "slerp", "checkpoints": [str(a), str(b)], "weights": [1.0, 1.0], "base": None}
+    sd_a, sd_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    flat = lambda sd: torch.cat([t.double().flatten() for k, t in sorted(sd.items()) if t.is_floating_point()])
+    assert spread == pytest.approx(float((flat(sd_b) - flat(sd_a)).norm() / flat(sd_a).norm()), rel=1e-9)
     assert not any(".tmp-" in p.name for p in tmp_path.iterdir())
 
     from safetensors import safe_open

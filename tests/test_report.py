@@ -111,6 +111,17 @@ def test_checks_skip_a_missing_stage_and_need_the_reranker_strictly_better():
     assert f"- **FAIL**: stage1 ≥ backbone on {NQ}: 0.1001 vs 0.1004" in report.checks_markdown(close)
 
 
+def test_a_merge_below_stage2_is_explained_by_how_close_its_checkpoints_are():
+    s = make_summary()  # merged is 0.021 / 0.020 below stage 2: both checks fail
+    assert report.merge_note(s, report.stage_checks(s["scores"], "merged")) is None  # no merge record: silent
+    s["merge"] = {"checkpoints": ["step-000130", "step-000140", "step-000150"], "relative_spread": 0.0042}
+    md = report.run_report(s)
+    assert ("Why merged < stage2 on nq-msmarco-hardneg, stsb-en-traindev (by at most 0.0210): it slerps "
+            "step-000130, step-000140, step-000150, which are 0.42 % apart") in md
+    s["scores"]["merged"] = dict(s["scores"]["stage2"])  # no failing merge check: no note
+    assert "Why merged" not in report.run_report(s)
+
+
 def test_synthesis_and_wall_time_sections():
     md = report.run_report(make_summary())
     assert "Accepted 4 of 16 synthetic pairs (25.0%)" in md and "Stage 1 trained on 4 pairs." in md
