@@ -29,7 +29,17 @@ app = typer.Typer(
          "(arXiv 2506.05176): synthesis, filtering, contrastive pre-training, SFT, slerp merging, MTEB.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-PresetOpt = typer.Option("smol", "--preset", "-p", help="conf/presets/<name>.yaml: micro, smol, qwen3-0.6b, ...")
+def _default(key: str):
+    """A setting's default from conf/base.yaml, the one place defaults live (`eval.batch_size`)."""
+    from tasks.config import base_defaults
+
+    value = base_defaults()
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+PresetOpt = typer.Option(_default("preset"), "--preset", "-p", help="conf/presets/<name>.yaml: micro, smol, qwen3-0.6b, ...")
 ConfigOpt = typer.Option(None, "--config", "-c", help="extra YAML overlay files, applied in order")
 OverridesArg = typer.Argument(None, help="overrides key.sub=value, e.g. stage2.steps=10")
 
@@ -202,14 +212,15 @@ def eval_cmd(
                                                  "JSONL {sentence1, sentence2, label} (repeatable)"),
     reranker: Optional[str] = typer.Option(None, "--reranker", help="rerank the embedding model's top-k of every "
                                            "retrieval task with this reranker (saved folder, micro, ...)"),
-    rerank_top_k: int = typer.Option(100, "--rerank-top-k", help="documents per query given to the reranker"),
+    rerank_top_k: int = typer.Option(_default("eval.rerank_top_k"), "--rerank-top-k",
+                                     help="documents per query given to the reranker"),
     dim: Optional[int] = typer.Option(None, "--dim", help="MRL dimension: evaluate emb[:, :dim], re-normalised"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="result JSON (default runs/eval/<model>-<rev>.json)"),
     max_queries: Optional[int] = typer.Option(None, "--max-queries", help="subsample BEIR queries (fixed seed)"),
     max_corpus: Optional[int] = typer.Option(None, "--max-corpus", help="subsample BEIR documents; documents "
                                              "judged for the kept queries are always kept"),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="subsample STS / pair-classification pairs"),
-    batch_size: int = typer.Option(32, "--batch-size", help="texts per forward pass"),
+    batch_size: int = typer.Option(_default("eval.batch_size"), "--batch-size", help="texts per forward pass"),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSON {task name: instruction} overriding "
                                            "conf/task_prompts.json"),
     mlflow_run_id: Optional[str] = typer.Option(None, "--mlflow-run-id", help="log eval/<task>/<metric> to this "
@@ -412,8 +423,8 @@ def ablate_cmd(
 def rerun_cmd(
     run_id: str = typer.Argument(..., help="MLflow run id of a pipeline run"),
     project: Path = typer.Option(Path("."), help="project folder"),
-    run_dir: Path = typer.Option(Path("runs"), help="run folder of the embedded MLflow store"),
-    experiment: str = typer.Option("qwen3-embedding", help="MLflow experiment name"),
+    run_dir: Path = typer.Option(Path(_default("run_dir")), help="run folder of the embedded MLflow store"),
+    experiment: str = typer.Option(_default("infra.mlflow_experiment"), help="MLflow experiment name"),
 ) -> None:
     """Reproduce a run from MLflow: same preset, ablation and resolved configuration (its config.yaml)."""
     _setup_logging()
@@ -488,9 +499,9 @@ app.add_typer(runs_app, name="runs")
 
 @runs_app.command("compare")
 def runs_compare_cmd(
-    experiment: str = typer.Option("qwen3-embedding", help="MLflow experiment name"),
+    experiment: str = typer.Option(_default("infra.mlflow_experiment"), help="MLflow experiment name"),
     filter_string: str = typer.Option("", "--filter", help="MLflow search filter, e.g. \"tags.preset = 'smol'\""),
-    run_dir: Path = typer.Option(Path("runs"), help="run folder of the embedded MLflow store"),
+    run_dir: Path = typer.Option(Path(_default("run_dir")), help="run folder of the embedded MLflow store"),
     out: Path = typer.Option(Path("runs/compare"), help="writes <out>.csv and <out>.md"),
     metric_prefix: str = typer.Option("final/", help="which metrics become columns"),
 ) -> None:
@@ -519,8 +530,8 @@ def _has_tabulate() -> bool:
 @app.command("lineage")
 def lineage_cmd(
     run_id: str = typer.Argument(..., help="an MLflow pipeline run id"),
-    run_dir: Path = typer.Option(Path("runs"), help="run folder of the embedded MLflow store"),
-    experiment: str = typer.Option("qwen3-embedding", help="MLflow experiment name"),
+    run_dir: Path = typer.Option(Path(_default("run_dir")), help="run folder of the embedded MLflow store"),
+    experiment: str = typer.Option(_default("infra.mlflow_experiment"), help="MLflow experiment name"),
 ) -> None:
     """Print where a run's models came from: git commit, config hash, DVC versions of the input data
     and of the generated data sets, and each stage's artifact folder and content key."""
@@ -566,7 +577,7 @@ def report_cmd(
     run_ids: Optional[List[str]] = typer.Argument(None, help="MLflow run id(s) of pipeline runs; several = one "
                                                   "configuration over seeds"),
     latest: bool = typer.Option(False, "--latest", help="report the run whose summary.json was written last"),
-    run_dir: Path = typer.Option(Path("runs"), "--run-dir", help="the runs' run_dir: summaries are "
+    run_dir: Path = typer.Option(Path(_default("run_dir")), "--run-dir", help="the runs' run_dir: summaries are "
                                  "<run-dir>/runs/<run id>/summary.json"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the Markdown to this file (atomically) "
                                        "instead of stdout"),

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 CONF_DIR = Path(os.environ.get("Q3E_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
 
@@ -45,21 +45,21 @@ class Strict(BaseModel):
 class MicroConfig(Strict):
     """Shape of the tiny randomly initialised Qwen3 used by tests (`backbone: micro`)."""
 
-    hidden_size: int = Field(64, gt=0)
-    intermediate_size: int = Field(128, gt=0)
-    num_hidden_layers: int = Field(2, gt=0)
-    num_attention_heads: int = Field(4, gt=0)
-    num_key_value_heads: int = Field(2, gt=0)
-    head_dim: int = Field(16, gt=0)
-    seed: int = 0
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    num_hidden_layers: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_key_value_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    seed: int
 
 
 class LoraConfig(Strict):
-    enabled: bool = False
-    r: int = Field(16, gt=0)
-    alpha: int = Field(32, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    enabled: bool
+    r: int = Field(gt=0)
+    alpha: int = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: list[str]
 
 
 class ModelConfig(Strict):
@@ -70,20 +70,20 @@ class ModelConfig(Strict):
     or a `.gguf` file.
     """
 
-    backbone: str = "bundled:smollm2"
-    gguf_file: str | None = None
-    revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    trust_remote_code: bool = False
-    attn_implementation: str | None = None
-    end_token: str = "<|endoftext|>"
-    max_query_length: int = Field(64, gt=1)
-    max_doc_length: int = Field(128, gt=1)
-    max_rerank_length: int = Field(256, gt=16)
-    embedding_dim: int | None = Field(None, gt=0, description="MRL output dimension; null = full")
-    num_layers: int | None = Field(None, gt=0, description="keep only the backbone's first N decoder layers "
+    backbone: str
+    gguf_file: str | None
+    revision: str | None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]
+    trust_remote_code: bool
+    attn_implementation: str | None
+    end_token: str
+    max_query_length: int = Field(gt=1)
+    max_doc_length: int = Field(gt=1)
+    max_rerank_length: int = Field(gt=16)
+    embedding_dim: int | None = Field(gt=0, description="MRL output dimension; null = full")
+    num_layers: int | None = Field(gt=0, description="keep only the backbone's first N decoder layers "
                                                           "(its final norm stays); null = all")
-    micro: MicroConfig = MicroConfig()
+    micro: MicroConfig
 
 
 # ----------------------------------------------------------------------------- training
@@ -91,24 +91,24 @@ class ModelConfig(Strict):
 class Resources(Strict):
     """Ray resources of one stage's task; cpus null = every CPU of the (local) cluster."""
 
-    cpus: float | None = Field(None, gt=0)
-    gpus: float = Field(0.0, ge=0)
+    cpus: float | None = Field(gt=0)
+    gpus: float = Field(ge=0)
 
 
 class LossConfig(Strict):
     """Improved InfoNCE (paper eq. 1) switches; see tasks/losses.py."""
 
-    temperature: float = Field(0.05, gt=0)
-    margin: float = 0.1
-    qq: bool = True
-    dd: bool = True
-    qd: bool = True
-    mask_false_negatives: bool = True
-    mrl_dims: list[int] = []
+    temperature: float = Field(gt=0)
+    margin: float
+    qq: bool
+    dd: bool
+    qd: bool
+    mask_false_negatives: bool
+    mrl_dims: list[int]
     # The first N optimizer steps use plain q-d InfoNCE (no q-q / d-d terms, no false-negative mask),
     # then the loss above. 0 = the paper's loss from the first step. A warm start for a backbone
     # whose pooled state carries no content yet (SmolLM2: see conf/presets/smol.yaml).
-    plain_warmup_steps: int = Field(0, ge=0)
+    plain_warmup_steps: int = Field(ge=0)
 
     @field_validator("mrl_dims")
     @classmethod
@@ -137,16 +137,15 @@ class DistributedConfig(Strict):
     """How a training stage runs: `local` = one process (tasks/train.py); `ray_train` = data-parallel
     Ray Train workers (tasks/ray_train.py): DDP, or DeepSpeed ZeRO-2/3 when `deepspeed` is set."""
 
-    engine: Literal["local", "ray_train"] = "local"
-    num_workers: int = Field(1, gt=0, description="ray_train: training processes (one per GPU when use_gpu)")
-    use_gpu: bool = False
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl with GPUs, gloo on CPU")
-    deepspeed: str | None = Field(None, description="zero2 | zero3 | a DeepSpeed JSON file; null = DDP")
-    resources_per_worker: dict[str, float] = Field({"CPU": 1.0}, description="Ray resources of each worker")
-    gather_negatives: bool = Field(
-        True, description="in-batch negatives from every worker's slice (the global batch, as on one device); "
+    engine: Literal["local", "ray_train"]
+    num_workers: int = Field(gt=0, description="ray_train: training processes (one per GPU when use_gpu)")
+    use_gpu: bool
+    backend: Literal["auto", "gloo", "nccl"] = Field(description="auto = nccl with GPUs, gloo on CPU")
+    deepspeed: str | None = Field(description="zero2 | zero3 | a DeepSpeed JSON file; null = DDP")
+    resources_per_worker: dict[str, float] = Field(description="Ray resources of each worker")
+    gather_negatives: bool = Field(description="in-batch negatives from every worker's slice (the global batch, as on one device); "
                           "false = each worker's own slice only")
-    max_failures: int = Field(0, ge=0, description="worker-group restarts after a failure, each resuming from "
+    max_failures: int = Field(ge=0, description="worker-group restarts after a failure, each resuming from "
                                                    "the newest checkpoint")
 
     @field_validator("deepspeed")
@@ -168,29 +167,28 @@ class DistributedConfig(Strict):
 class TrainConfig(Strict):
     """One training stage. The same trainer runs stage 1, stage 2 and the reranker."""
 
-    enabled: bool = True
-    objective: Literal["embedding", "reranker"] = "embedding"
-    data: list[DataSource] = []
-    steps: int = Field(100, gt=0)
-    batch_size: int = Field(16, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    mini_batch_size: int | None = Field(
-        None, gt=0, description="GradCache chunk size: bounds memory to one chunk; null = no caching")
-    lr: float = Field(2e-5, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    hard_negatives: int = Field(3, ge=0, description="hard negatives per query (embedding); negatives per query (reranker)")
-    checkpoint_every: int = Field(50, gt=0)
-    keep_checkpoints: int = Field(3, gt=0)
-    log_every: int = Field(1, gt=0)
-    seed: int = 0
-    lora: LoraConfig = LoraConfig()
-    loss: LossConfig = LossConfig()
-    two_token: bool = Field(False, description="reranker: softmax over yes/no only instead of the vocabulary")
-    resources: Resources = Resources()
-    distributed: DistributedConfig = DistributedConfig()
+    enabled: bool
+    objective: Literal["embedding", "reranker"]
+    data: list[DataSource]
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    grad_accum: int = Field(gt=0)
+    mini_batch_size: int | None = Field(gt=0, description="GradCache chunk size: bounds memory to one chunk; null = no caching")
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    warmup_ratio: float = Field(ge=0, le=1)
+    min_lr_ratio: float = Field(ge=0, le=1)
+    max_grad_norm: float | None = Field(gt=0)
+    hard_negatives: int = Field(ge=0, description="hard negatives per query (embedding); negatives per query (reranker)")
+    checkpoint_every: int = Field(gt=0)
+    keep_checkpoints: int = Field(gt=0)
+    log_every: int = Field(gt=0)
+    seed: int
+    lora: LoraConfig
+    loss: LossConfig
+    two_token: bool = Field(description="reranker: softmax over yes/no only instead of the vocabulary")
+    resources: Resources
+    distributed: DistributedConfig
 
     @model_validator(mode="after")
     def _batch_fills_workers(self) -> "TrainConfig":
@@ -203,10 +201,10 @@ class TrainConfig(Strict):
 class MergeConfig(Strict):
     """Slerp merge of the last checkpoints of stage 2 (paper §3.5)."""
 
-    enabled: bool = True
-    method: Literal["slerp", "task_slerp"] = "slerp"
-    num_checkpoints: int = Field(3, ge=2)
-    weights: list[float] | None = None
+    enabled: bool
+    method: Literal["slerp", "task_slerp"]
+    num_checkpoints: int = Field(ge=2)
+    weights: list[float] | None
 
     @model_validator(mode="after")
     def _weights_match(self) -> "MergeConfig":
@@ -218,98 +216,89 @@ class MergeConfig(Strict):
 # ----------------------------------------------------------------------------- synthesis / filtering / eval
 
 class GeneratorConfig(Strict):
-    backend: Literal["transformers", "openai", "vllm"] = "transformers"
-    model: str = "bundled:smollm2"
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    temperature: float = Field(0.8, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    max_new_tokens: int = Field(96, gt=0)
-    batch_size: int = Field(8, gt=0)
-    max_retries: int = Field(2, ge=0)
-    concurrency: int = Field(4, gt=0)
-    timeout_s: float = Field(60.0, gt=0)
-    http_retries: int = Field(5, ge=0, description="openai backend: retries of a request on connection errors, 429, 5xx")
-    backoff_s: float = Field(1.0, ge=0, description="openai backend: first retry delay, doubled each retry")
-    max_backoff_s: float = Field(30.0, ge=0)
-    structured: bool = Field(
-        True, description="structured decoding: every answer is constrained to its stage's JSON schema "
+    backend: Literal["transformers", "openai", "vllm"]
+    model: str
+    base_url: str | None
+    api_key_env: str
+    temperature: float = Field(ge=0)
+    top_p: float = Field(gt=0, le=1)
+    max_new_tokens: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    max_retries: int = Field(ge=0)
+    concurrency: int = Field(gt=0)
+    timeout_s: float = Field(gt=0)
+    http_retries: int = Field(ge=0, description="openai backend: retries of a request on connection errors, 429, 5xx")
+    backoff_s: float = Field(ge=0, description="openai backend: first retry delay, doubled each retry")
+    max_backoff_s: float = Field(ge=0)
+    structured: bool = Field(description="structured decoding: every answer is constrained to its stage's JSON schema "
                           "(enums of the offered personas, question types, difficulties, labels; string "
                           "lengths and scripts): xgrammar for transformers, structured outputs for vllm, "
                           "response_format for openai. It replaces the JSON prefill")
-    json_prefill: bool | None = Field(
-        None, description="start each answer with the JSON's first key (helps small models keep the format); "
+    json_prefill: bool | None = Field(description="start each answer with the JSON's first key (helps small models keep the format); "
                           "null = on for transformers and vllm when structured is off, off for openai (needs "
                           "a server that continues a final assistant message, e.g. vLLM)")
-    chat_template_kwargs: dict[str, Any] = Field(
-        {}, description="variables of the model's chat template, e.g. {enable_thinking: false} for Qwen3 "
+    chat_template_kwargs: dict[str, Any] = Field(description="variables of the model's chat template, e.g. {enable_thinking: false} for Qwen3 "
                         "(else its thinking fills max_new_tokens before the JSON); openai: sent as "
                         "chat_template_kwargs (vLLM, SGLang)")
-    vllm_args: dict[str, Any] = Field(
-        {}, description="vllm backend: keyword arguments of vllm.LLM (tensor_parallel_size, "
+    vllm_args: dict[str, Any] = Field(description="vllm backend: keyword arguments of vllm.LLM (tensor_parallel_size, "
                         "gpu_memory_utilization, max_model_len, ...); not in a synthesis folder's manifest")
 
 
 class SynthConfig(Strict):
-    enabled: bool = True
-    passages: list[str] = ["data/passages/en-nq-msmarco.jsonl"]
-    personas: str = "data/personas/personahub-5k.txt"
-    persona_retriever: str = "bundled:all-minilm-l6-v2"
-    top_personas: int = Field(5, gt=0)
-    num_passages: int | None = Field(64, gt=0)
-    exclude_relevant: list[str] = Field([], description="BEIR folders whose relevant documents (qrels) are never "
+    enabled: bool
+    passages: list[str]
+    personas: str
+    persona_retriever: str
+    top_personas: int = Field(gt=0)
+    num_passages: int | None = Field(gt=0)
+    exclude_relevant: list[str] = Field(description="BEIR folders whose relevant documents (qrels) are never "
                                                         "used as passages: dev positives stay out of training")
-    reuse: str | None = Field(None, description="a folder of shards made by `q3e synth` with these same settings "
+    reuse: str | None = Field(description="a folder of shards made by `q3e synth` with these same settings "
                                                 "(e.g. committed to git): the run copies it instead of generating; "
                                                 "null = generate in the run")
-    kinds: dict[str, float] = {"retrieval": 1.0}
-    languages: list[str] = Field(["passage"], description="languages of the generated queries, drawn per "
+    kinds: dict[str, float]
+    languages: list[str] = Field(description="languages of the generated queries, drawn per "
                                                           "passage; 'passage' = the passage's own language")
-    query_lengths: list[int] = [5, 10, 20]
-    bitext_languages: list[str] = Field(["Chinese", "French", "German", "Spanish"],
-                                        description="bitext: target languages of the translations")
-    sts_similarity: list[float] = Field([4.0, 5.0], description="STS: target similarities (0-5) to ask for")
-    labels: list[str] = Field(
-        ["arts and entertainment", "business and economy", "education", "health and medicine", "history",
-         "law and crime", "politics and government", "science and technology", "sports", "travel and geography"],
-        description="classification: the label set")
-    max_passage_words: int = Field(256, gt=0, description="passages are cut to this many words in prompts")
-    shard_size: int = Field(16, gt=0)
-    engine: Literal["actors", "ray_data"] = Field(
-        "actors", description="actors: a pool of Ray actors pulls shard after shard; ray_data: the plans are "
+    query_lengths: list[int]
+    bitext_languages: list[str] = Field(description="bitext: target languages of the translations")
+    sts_similarity: list[float] = Field(description="STS: target similarities (0-5) to ask for")
+    labels: list[str] = Field(description="classification: the label set")
+    max_passage_words: int = Field(gt=0, description="passages are cut to this many words in prompts")
+    shard_size: int = Field(gt=0)
+    engine: Literal["actors", "ray_data"] = Field(description="actors: a pool of Ray actors pulls shard after shard; ray_data: the plans are "
                               "a Ray Data dataset streamed through map_batches (same shards, same records)")
-    workers: int = Field(1, gt=0)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
-    seed: int = 0
-    generator: GeneratorConfig = GeneratorConfig()
+    workers: int = Field(gt=0)
+    cpus_per_worker: float = Field(gt=0)
+    gpus_per_worker: float = Field(ge=0)
+    seed: int
+    generator: GeneratorConfig
 
 
 class FilterConfig(Strict):
-    enabled: bool = True
-    threshold: float = Field(0.7, ge=-1, le=1)
-    embedder: str | None = Field(None, description="model used to score pairs; null = the stage-1 model")
-    batch_size: int = Field(32, gt=0)
-    workers: int = Field(1, gt=0)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
+    enabled: bool
+    threshold: float = Field(ge=-1, le=1)
+    embedder: str | None = Field(description="model used to score pairs; null = the stage-1 model")
+    batch_size: int = Field(gt=0)
+    workers: int = Field(gt=0)
+    cpus_per_worker: float = Field(gt=0)
+    gpus_per_worker: float = Field(ge=0)
 
 
 class EvalConfig(Strict):
     """What to evaluate on: mteb task names / a benchmark (need the hub) and local sets (offline)."""
 
-    tasks: list[str] = []
-    task_dirs: list[str] = ["data/beir/nq-msmarco-hardneg"]
-    sts: list[str] = []
-    pairclf: list[str] = []
-    max_pairs: int | None = Field(None, gt=0)
-    benchmark: str | None = None
-    batch_size: int = Field(32, gt=0)
-    rerank_top_k: int = Field(100, gt=0)
-    dims: list[int] = []
-    max_queries: int | None = Field(None, gt=0)
-    max_corpus: int | None = Field(None, gt=0)
-    resources: Resources = Resources()
+    tasks: list[str]
+    task_dirs: list[str]
+    sts: list[str]
+    pairclf: list[str]
+    max_pairs: int | None = Field(gt=0)
+    benchmark: str | None
+    batch_size: int = Field(gt=0)
+    rerank_top_k: int = Field(gt=0)
+    dims: list[int]
+    max_queries: int | None = Field(gt=0)
+    max_corpus: int | None = Field(gt=0)
+    resources: Resources
 
 
 class DerivedSet(Strict):
@@ -337,56 +326,55 @@ class DataConfig(Strict):
     `dvc pull`, or copies `include` from the bundled `source` when no remote has it, then builds
     `derived` from what it copied."""
 
-    dir: str = "data"
-    source: str | None = "../shared/data"
-    include: list[str] = []
-    derived: list[DerivedSet] = []
+    dir: str
+    source: str | None
+    include: list[str]
+    derived: list[DerivedSet]
 
 
 class InfraConfig(Strict):
     """Where the services live. Empty = embedded defaults (ephemeral Prefect, local Ray, local MLflow/DVC)."""
 
-    ray_address: str | None = None
-    ray_num_cpus: int | None = Field(None, gt=0)
-    mlflow_tracking_uri: str | None = None
-    mlflow_experiment: str = "qwen3-embedding"
-    prefect_api_url: str | None = None
-    dvc_remote: str | None = None
+    ray_address: str | None
+    ray_num_cpus: int | None = Field(gt=0)
+    mlflow_tracking_uri: str | None
+    mlflow_experiment: str
+    prefect_api_url: str | None
+    dvc_remote: str | None
 
 
 class RetrainConfig(Strict):
     """Scheduled retraining: promote a new model only if it is not worse than the champion."""
 
-    registered_model: str = "qwen3-embedding"
-    alias: str = "champion"
-    metric: str = Field("mean", description="'mean' of the final main scores, or one task name")
-    tolerance: float = Field(0.0, ge=0, description="promote if new >= champion - tolerance")
+    registered_model: str
+    alias: str
+    metric: str = Field(description="'mean' of the final main scores, or one task name")
+    tolerance: float = Field(ge=0, description="promote if new >= champion - tolerance")
 
 
 class AblationConfig(Strict):
-    settings: list[str] = ["full", "no-merge", "no-synthetic", "only-synthetic", "no-qq", "no-dd", "no-qd",
-                           "no-fn-mask", "no-hard-negatives"]
+    settings: list[str]
 
 
 class PipelineConfig(Strict):
-    preset: str = "smol"
-    ablation: str = "full"
-    seed: int = 0
-    run_dir: str = "runs"
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    reranker_model: ModelConfig | None = Field(None, description="backbone of the reranker; null = same as model")
-    synth: SynthConfig = SynthConfig()
-    stage1: TrainConfig = TrainConfig()
-    filter: FilterConfig = FilterConfig()
-    stage2: TrainConfig = TrainConfig()
-    merge: MergeConfig = MergeConfig()
-    reranker: TrainConfig = TrainConfig(objective="reranker")
-    reranker_merge: MergeConfig = MergeConfig()
-    eval: EvalConfig = EvalConfig()
-    ablations: AblationConfig = AblationConfig()
-    retrain: RetrainConfig = RetrainConfig()
-    infra: InfraConfig = InfraConfig()
+    preset: str
+    ablation: str
+    seed: int
+    run_dir: str
+    data: DataConfig
+    model: ModelConfig
+    reranker_model: ModelConfig | None = Field(description="backbone of the reranker; null = same as model")
+    synth: SynthConfig
+    stage1: TrainConfig
+    filter: FilterConfig
+    stage2: TrainConfig
+    merge: MergeConfig
+    reranker: TrainConfig
+    reranker_merge: MergeConfig
+    eval: EvalConfig
+    ablations: AblationConfig
+    retrain: RetrainConfig
+    infra: InfraConfig
 
     @property
     def reranker_backbone(self) -> ModelConfig:
@@ -511,3 +499,57 @@ def validate(data: dict[str, Any], sources: list[str] | None = None) -> Pipeline
 
 def dump_yaml(cfg: PipelineConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# ----------------------------------------------------------------------------- defaults
+
+# conf/base.yaml is the only place a default lives: the classes above carry types and bounds, and
+# the defaults of a class built directly in code (`ModelConfig(backbone="micro")`,
+# `TrainConfig(steps=4)`) are read from the base.yaml section below. A class used in several
+# sections takes the first one's (TrainConfig: stage2's; MergeConfig: merge's). List entries
+# (DataSource, DerivedSet) keep their per-entry options' neutral values in code: an entry states
+# only what it needs. tests/test_config.py fails when a schema key has no YAML default or the YAML
+# has a key the schema lacks.
+DEFAULTS_FROM: dict[type[Strict], str] = {
+    MicroConfig: "model.micro", LoraConfig: "stage2.lora", ModelConfig: "model", Resources: "stage2.resources",
+    LossConfig: "stage2.loss", DistributedConfig: "stage2.distributed", TrainConfig: "stage2",
+    MergeConfig: "merge", GeneratorConfig: "synth.generator", SynthConfig: "synth", FilterConfig: "filter",
+    EvalConfig: "eval", DataConfig: "data", InfraConfig: "infra", RetrainConfig: "retrain",
+    AblationConfig: "ablations", PipelineConfig: "",
+}
+
+
+def base_defaults() -> dict[str, Any]:
+    """conf/base.yaml as a dict."""
+    return read_yaml(CONF_DIR / "base.yaml")
+
+
+def _section(data: dict[str, Any], path: str) -> dict[str, Any]:
+    for part in filter(None, path.split(".")):
+        data = data[part]
+    return data
+
+
+def _install_defaults() -> None:
+    import copy as _copy
+
+    from pydantic_core import PydanticUndefined
+
+    base = base_defaults()
+    for cls, path in DEFAULTS_FROM.items():
+        section = _section(base, path)
+        for name, field in cls.model_fields.items():
+            if name not in section:
+                continue
+            value = section[name]
+            if isinstance(value, (list, dict)):  # sections, lists of entries, maps: validated copies
+                adapter = TypeAdapter(field.annotation)
+                field.default = PydanticUndefined
+                field.default_factory = lambda adapter=adapter, value=value: adapter.validate_python(_copy.deepcopy(value))
+            else:
+                field.default = value
+    for cls in DEFAULTS_FROM:  # leaves first: a parent's schema embeds its children's
+        cls.model_rebuild(force=True)
+
+
+_install_defaults()

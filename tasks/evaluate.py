@@ -37,7 +37,7 @@ import numpy as np
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.types import PromptType
 
-from tasks.config import EvalConfig, ModelConfig
+from tasks.config import CONF_DIR, EvalConfig, ModelConfig
 from tasks.data import DataError, atomic_write_text, file_mode, iter_jsonl, load_beir
 from tasks.models import (
     DEFAULT_INSTRUCTION,
@@ -51,7 +51,7 @@ from tasks.models import (
 
 log = logging.getLogger(__name__)
 
-PROMPTS_FILE = Path(__file__).resolve().parent.parent / "conf" / "task_prompts.json"
+PROMPTS_FILE = CONF_DIR / "task_prompts.json"  # Q3E_CONF_DIR moves it with the rest of conf/
 # What `evaluate_model` reports before/after reranking (the paper's Table 4 uses nDCG@10).
 RERANK_METRICS = ("ndcg_at_10", "map_at_10", "mrr_at_10", "recall_at_100")
 K_VALUES = (1, 3, 5, 10, 20, 100, 1000)  # mteb's AbsTaskRetrieval.k_values

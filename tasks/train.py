@@ -284,11 +284,14 @@ def save_checkpoint(model, optimizer, scheduler, out_dir: Path, step: int, cfg: 
         # the disk filled up (or the file size limit was hit) after the free-space check: the partial
         # checkpoint is removed, the previous ones stay, and the error names what was being written
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, DiskSpaceError) or not _out_of_space(e):
+        if isinstance(e, DiskSpaceError):
             raise
-        raise DiskSpaceError(f"{final}: no space left while writing the checkpoint ({e}); the partial "
-                             f"checkpoint was removed, the previous ones are kept: free space and rerun "
-                             f"to resume") from e
+        if _out_of_space(e):
+            raise DiskSpaceError(f"{final}: no space left while writing the checkpoint ({e}); the partial "
+                                 f"checkpoint was removed, the previous ones are kept: free space and rerun "
+                                 f"to resume") from e
+        raise CheckpointError(f"{final}: writing the checkpoint failed ({type(e).__name__}: {e}); the partial "
+                              f"checkpoint was removed, the previous ones are kept") from e
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -307,7 +310,9 @@ def _out_of_space(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return True
     text = str(e).lower()
-    return any(s in text for s in ("no space left", "file too large", "disk quota", "file write failed"))
+    # torch's zip writer reports a short write as "unexpected pos N vs M" (it wrote less than it asked)
+    return any(s in text for s in ("no space left", "file too large", "disk quota", "file write failed",
+                                   "unexpected pos"))
 
 
 def fsync_tree(path: Path, *, files: bool = True) -> None:

@@ -57,3 +57,82 @@ def test_digest_changes_with_any_setting():
     assert load_config("micro").digest() != load_config("micro", ["stage2.lr=0.5"]).digest()
     flat = load_config("micro").flat()
     assert flat["stage2.loss.temperature"] == load_config("micro").stage2.loss.temperature
+
+
+# ----------------------------------------------------------------------------- one home for defaults
+
+def _schema_keys(cls, prefix: str = "") -> set[str]:
+    """Dotted keys of the schema: nested sections are walked, lists and dicts are leaves."""
+    from pydantic import BaseModel
+
+    keys = set()
+    for name, field in cls.model_fields.items():
+        ann = field.annotation
+        sub = None if getattr(ann, "__origin__", None) in (list, dict) else next(
+            (a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if sub is not None and name != "reranker_model":  # reranker_model: null or a whole `model` block
+            keys |= _schema_keys(sub, f"{prefix}{name}.")
+        else:
+            keys.add(prefix + name)
+    return keys
+
+
+def _yaml_keys(data: dict, schema: set[str], prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in data.items():
+        key = prefix + k
+        keys |= _yaml_keys(v, schema, key + ".") if isinstance(v, dict) and key not in schema else {key}
+    return keys
+
+
+def test_base_yaml_holds_every_setting_of_the_schema_and_nothing_else():
+    from tasks.config import PipelineConfig, base_defaults
+
+    schema = _schema_keys(PipelineConfig)
+    yaml_keys = _yaml_keys(base_defaults(), schema)
+    assert sorted(schema - yaml_keys) == [], "schema keys without a default in conf/base.yaml"
+    assert sorted(yaml_keys - schema) == [], "conf/base.yaml keys the schema does not know"
+    assert len(schema) > 200
+
+
+def test_the_schema_carries_types_and_bounds_not_values():
+    """No section class of tasks/config.py writes a default: its values come from conf/base.yaml."""
+    import ast
+    import inspect
+
+    import tasks.config as config
+
+    for cls in config.DEFAULTS_FROM:
+        tree = ast.parse(inspect.getsource(cls))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.AnnAssign) or node.value is None:
+                continue
+            call = node.value
+            assert isinstance(call, ast.Call) and getattr(call.func, "id", "") == "Field", \
+                f"{cls.__name__}.{node.target.id} has a default in code"
+            assert not call.args and not any(k.arg in ("default", "default_factory") for k in call.keywords), \
+                f"{cls.__name__}.{node.target.id} has a default in code"
+
+
+def test_a_config_built_in_code_takes_its_defaults_from_base_yaml(tmp_path, monkeypatch):
+    """Change a value in a copy of conf/base.yaml: the class default follows it (no second copy)."""
+    import subprocess
+    import sys
+
+    import tasks.config as config
+
+    base = config.base_defaults()
+    assert config.TrainConfig(steps=4).lr == base["stage2"]["lr"]
+    assert config.ModelConfig(backbone="micro").max_doc_length == base["model"]["max_doc_length"]
+    assert config.TrainConfig(steps=4).data[0].path == base["stage2"]["data"][0]["path"]  # entries validated
+    assert config.PipelineConfig().reranker.objective == "reranker"
+    assert config.PipelineConfig().model_dump() == config.validate(base).model_dump()
+
+    conf = tmp_path / "conf"
+    subprocess.run(["cp", "-r", str(config.CONF_DIR), str(conf)], check=True)
+    text = (conf / "base.yaml").read_text().replace("  max_doc_length: 128", "  max_doc_length: 77", 1)
+    (conf / "base.yaml").write_text(text)
+    code = "from tasks.config import ModelConfig; print(ModelConfig(backbone='micro').max_doc_length)"
+    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "Q3E_CONF_DIR": str(conf)},
+                         capture_output=True, text=True, cwd=config.CONF_DIR.parent)
+    assert out.stdout.strip() == "77", out.stderr[-2000:]
