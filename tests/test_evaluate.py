@@ -327,7 +327,7 @@ def test_cli_eval_micro_and_bad_task_dir(shared_data, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     import tasks.evaluate
-    from tasks.cli import app
+    from flows.cli import app
 
     monkeypatch.setattr(tasks.evaluate, "default_embedding_cache", lambda: EmbeddingCache(tmp_path / "emb"))
     out = tmp_path / "cli.json"

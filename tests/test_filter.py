@@ -113,7 +113,7 @@ def test_sentence_transformer_scorer_ranks_positives_above_negatives(shared_data
 def test_filter_cli_reuses_finished_shards(ray_session, pairs_dir, tmp_path, micro_cfg):
     from typer.testing import CliRunner
 
-    from tasks.cli import app
+    from flows.cli import app
 
     out = tmp_path / "cli"
     args = ["filter", str(pairs_dir), "--out", str(out), "--embedder", "micro", "--threshold", "0.2",

@@ -171,7 +171,7 @@ def test_dvc_versions_are_recorded_and_consistent(runs, project):
 def test_lineage_and_compare_commands(runs, project):
     from typer.testing import CliRunner
 
-    from tasks.cli import app
+    from flows.cli import app
 
     r = CliRunner().invoke(app, ["lineage", runs["resumed"]["run_id"], "--run-dir", str(project / "runs")])
     assert r.exit_code == 0, r.output

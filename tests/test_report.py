@@ -182,7 +182,7 @@ def test_config_hash_without_seeds_ignores_only_seeds():
 
 
 def test_run_summary_prints_the_checks(capsys):
-    from tasks.cli import _print_summary
+    from flows.cli import _print_summary
 
     _print_summary(make_summary())
     out = capsys.readouterr().out
@@ -197,7 +197,7 @@ def _write(run_dir, summary):
 
 
 def test_cli_writes_the_report_and_names_a_missing_run(tmp_path):
-    from tasks.cli import app
+    from flows.cli import app
 
     run_dir = tmp_path / "runs"
     for i in range(2):
@@ -226,7 +226,7 @@ def test_pipeline_summary_logs_checks_to_mlflow_and_reports(tmp_path, monkeypatc
 
     from flows.pipeline import Context, _log_final, _summarise
     from tasks import tracking
-    from tasks.cli import app
+    from flows.cli import app
     from tasks.config import load_config
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tasks.cli import app
+from flows.cli import app
 from tasks.config import ConfigError, DataSource, FilterConfig, ModelConfig, load_config
 from tasks.data import DataError, load_source, load_sources
 from tasks.models import Embedder, ModelLoadError, resolve_backbone

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-Q3E = [sys.executable, "-m", "tasks.cli"]
+Q3E = [sys.executable, "-m", "flows.cli"]
 ROOT = Path(__file__).resolve().parents[2]
 
 

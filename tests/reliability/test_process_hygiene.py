@@ -20,7 +20,7 @@ import pytest
 from tasks import reaper
 
 ROOT = Path(__file__).resolve().parents[2]
-Q3E = [sys.executable, "-m", "tasks.cli"]
+Q3E = [sys.executable, "-m", "flows.cli"]
 LINUX = sys.platform.startswith("linux") and os.path.isdir("/proc")
 
 
