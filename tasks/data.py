@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 from array import array
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -607,11 +607,3 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
 def write_pairs(path: str | Path, pairs: Iterable[Pair]) -> Path:
     return write_jsonl(path, (p.to_record() for p in pairs))
 
-
-def pair_from_dict(d: dict[str, Any]) -> Pair:
-    return Pair(d["query"], d["positive"], tuple(d.get("negatives", ())), d.get("instruction"),
-                d.get("symmetric", False), d.get("meta", {}))
-
-
-def pair_to_dict(p: Pair) -> dict[str, Any]:
-    return asdict(p)

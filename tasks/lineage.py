@@ -9,7 +9,6 @@ not have it (the embedded default is an empty local folder), it is copied from t
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -43,9 +42,6 @@ def read_dvc_file(path: str | Path) -> dict:
         raise LineageError(f"{path}: no 'outs[0].md5' field")
     return outs[0]
 
-
-def data_version(root: str | Path, data_dir: str = "data") -> str:
-    return read_dvc_file(Path(root) / f"{data_dir}.dvc")["md5"]
 
 
 def is_clean(root: Path, target: str) -> bool:
@@ -175,17 +171,3 @@ def track_dataset(root: str | Path, path: str | Path, remote: str | None = None)
     _repo(root).add([str(root / rel)])
     push(root, [f"{rel}.dvc"], remote)
     return read_dvc_file(dvc_file)["md5"]
-
-
-def content_hash(paths: list[str | Path]) -> str:
-    """sha256 over the relative names and bytes of files (folders walked in sorted order)."""
-    h = hashlib.sha256()
-    for p in paths:
-        p = Path(p)
-        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
-        for f in files:
-            h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()[:16]

@@ -636,9 +636,3 @@ def load_any(path: str | Path, *, device=None) -> Embedder | Reranker:
     card = Path(path) / MODEL_CARD
     kind = json.loads(card.read_text()).get("kind") if card.is_file() else "embedding"
     return (Reranker if kind == "reranker" else Embedder).load(str(path), device=device)
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable

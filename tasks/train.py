@@ -37,7 +37,6 @@ from tasks.models import Embedder, Reranker, _model_config, _pad_left, format_qu
 
 log = logging.getLogger(__name__)
 
-LogFn = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
@@ -389,7 +388,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig | str, out_dir: str | Path, *,
           init: str | Path | None = None, pairs: list[Pair] | None = None, data_root: str | Path | None = None,
-          on_log: LogFn | None = None, progress: bool = True, device=None,
+          progress: bool = True, device=None,
           stop_after: int | None = None) -> TrainResult:
     """Train one stage. `init` = a saved model folder to start from (e.g. the stage-1 model);
     otherwise `model_cfg`'s backbone. `pairs` overrides `cfg.data`. Resumes from the newest
@@ -450,8 +449,6 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig | str, out_dir: str | Path, *
             rec = step_record(cfg, step + 1, loss_sum, lr, grad_norm, dt, n_pairs, tokens)
             history.append(rec)
             _append_history(out_dir, rec)
-            if on_log and (step + 1) % cfg.log_every == 0:
-                on_log(step + 1, {k: v for k, v in rec.items() if k != "step"})
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", pairs_s=f"{n_pairs / dt:.1f}")
             bar.update(1)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
