@@ -126,12 +126,16 @@ def eval_stage(model, cfg, out_dir: str, *, reranker: str | None = None, data_ro
     from tasks.evaluate import evaluate_model
 
     out = Path(out_dir) / "results.json"
-    results = evaluate_model(
-        model, tasks=cfg.tasks, task_dirs=_under(data_root, cfg.task_dirs), sts=_under(data_root, cfg.sts),
-        pairclf=_under(data_root, cfg.pairclf), benchmark=cfg.benchmark, reranker=reranker,
-        batch_size=cfg.batch_size, rerank_top_k=cfg.rerank_top_k, max_queries=cfg.max_queries,
-        max_corpus=cfg.max_corpus, max_pairs=cfg.max_pairs, out=out, revision=None, show=False,
-        dim=cfg.dims[0] if cfg.dims else None)
+    results: dict = {}
+    # the full dimension gives the main scores; each of eval.dims (MRL) adds `<task>@<dim>` entries
+    for dim in [None, *cfg.dims]:
+        scores = evaluate_model(
+            model, tasks=cfg.tasks, task_dirs=_under(data_root, cfg.task_dirs), sts=_under(data_root, cfg.sts),
+            pairclf=_under(data_root, cfg.pairclf), benchmark=cfg.benchmark, reranker=reranker,
+            batch_size=cfg.batch_size, rerank_top_k=cfg.rerank_top_k, max_queries=cfg.max_queries,
+            max_corpus=cfg.max_corpus, max_pairs=cfg.max_pairs, revision=None, show=False, dim=dim,
+            out=out if dim is None else out.with_name(f"results@{dim}.json"))
+        results.update(scores if dim is None else {f"{task}@{dim}": m for task, m in scores.items()})
     table = Path(out_dir) / "results.md"
     rows = ["| task | main score |", "|---|---|"] + [f"| {t} | {m['main_score']:.4f} |" for t, m in results.items()]
     atomic_write_text(table, "\n".join(rows) + "\n")

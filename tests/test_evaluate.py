@@ -176,6 +176,22 @@ def test_local_tasks_through_mteb_on_micro(micro_embedder, shared_data, tmp_path
     assert saved["instructions"]["stsbenchmark-train-dev"] == "Retrieve semantically similar text."
 
 
+def test_eval_stage_scores_every_listed_mrl_dimension(micro_embedder, shared_data, tmp_path):
+    """eval.dims: the full dimension gives the main scores, each listed dimension its own entries
+    (as `<task>@<dim>`, with its own results file), computed on embeddings cut to that prefix."""
+    from tasks.stages import eval_stage
+
+    cfg = EvalConfig(task_dirs=[str(shared_data / "beir/nq-msmarco-hardneg")], max_queries=8, max_corpus=60,
+                     dims=[4, 16])
+    res = eval_stage(micro_embedder, cfg, str(tmp_path))["results"]
+    task = "nq-msmarco-hardneg"
+    assert set(res) == {task, f"{task}@4", f"{task}@16"}
+    assert (tmp_path / "results@4.json").is_file() and (tmp_path / "results@16.json").is_file()
+    direct = evaluate_model(micro_embedder, task_dirs=[shared_data / "beir/nq-msmarco-hardneg"], max_queries=8,
+                            max_corpus=60, dim=4, show=False)
+    assert res[f"{task}@4"] == direct[task] and res[task] != res[f"{task}@4"]
+
+
 def test_beir_subsample_keeps_judged_docs_and_is_deterministic(shared_data):
     folder = shared_data / "beir/nq-msmarco-hardneg"
     a, b = beir_task(folder, max_queries=4, max_corpus=40), beir_task(folder, max_queries=4, max_corpus=40)
