@@ -39,8 +39,12 @@ def start() -> bool:
         return False
     read_end, write_end = os.pipe()  # not inheritable: no other child holds the write end open
     try:
+        # stdout/stderr not inherited (unless debugging): a caller reading this command's output to
+        # its end is not kept waiting on the watchdog
+        quiet = not os.environ.get("Q3E_DEBUG")
         subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), str(os.getpid())], stdin=read_end,
-                         stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL if quiet else None,
+                         start_new_session=True, close_fds=True)
     except OSError:
         os.close(write_end)
         return False
