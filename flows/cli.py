@@ -14,6 +14,7 @@ stopped when the command ends, however it ends (a SIGKILL included).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -29,11 +30,16 @@ app = typer.Typer(
          "(arXiv 2506.05176): synthesis, filtering, contrastive pre-training, SFT, slerp merging, MTEB.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-def _default(key: str):
-    """A setting's default from conf/base.yaml, the one place defaults live (`eval.batch_size`)."""
+@functools.cache
+def _base_yaml() -> dict:
     from tasks.config import base_defaults
 
-    value = base_defaults()
+    return base_defaults()
+
+
+def _default(key: str):
+    """A setting's default from conf/base.yaml, the one place defaults live (`eval.batch_size`)."""
+    value = _base_yaml()
     for part in key.split("."):
         value = value[part]
     return value
@@ -57,7 +63,7 @@ class _NoFailureEcho(logging.Filter):
     records are dropped. Everything else Prefect logs passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info or record.levelno >= logging.ERROR:
+        if record.exc_info:  # "Encountered exception during execution" with its traceback
             return False
         return not str(record.msg).startswith("Finished in state Failed")
 
@@ -79,8 +85,6 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _config(preset: str, overrides: Optional[List[str]], files: Optional[List[Path]] = None, ablation: str | None = None):
-    import os
-
     from tasks.config import ConfigError, load_config
 
     try:
