@@ -42,7 +42,7 @@ def _session(sid: int) -> dict[int, str]:
         try:
             raw = Path(f"/proc/{name}/stat").read_text()
             if int(raw[raw.rindex(")") + 2:].split()[3]) == sid:
-                out[int(name)] = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+                out[int(name)] = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode()  # whole: paths vary
         except (OSError, ValueError):
             continue
     return out
