@@ -1,6 +1,6 @@
 """Baseline figures for the evaluation stage (run once, several minutes on 2 CPU cores):
 
-1. nDCG@10 through mteb (tasks.evaluate) of the untrained SmolLM2-135M backbone (last-token pooling,
+1. nDCG@10 through mteb (tasks.evaluation) of the untrained SmolLM2-135M backbone (last-token pooling,
    task instructions on queries) and of all-MiniLM-L6-v2 (SentenceTransformer) on
    - beir/nq-msmarco-hardneg (all 20 queries, 1246 documents),
    - beir/stsb-en-traindev, 200 queries (fixed seed) with every judged document plus a fixed random
@@ -33,9 +33,11 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tasks.config import ModelConfig  # noqa: E402
+from tasks.config import EvalConfig, ModelConfig  # noqa: E402
 from tasks.data import atomic_write_text, doc_text, load_beir  # noqa: E402
-from tasks.evaluate import EmbeddingCache, beir_task, evaluate_model  # noqa: E402
+from tasks.evaluation.cache import EmbeddingCache  # noqa: E402
+from tasks.evaluation.local_tasks import beir_task  # noqa: E402
+from tasks.evaluation.run import evaluate_model  # noqa: E402
 from tasks.models import Embedder  # noqa: E402
 
 MODELS = {"smollm2-135m (untrained, last token)": "bundled:smollm2",
@@ -49,8 +51,9 @@ def quality(data: Path, work: Path) -> dict:
                  beir_task(data / "beir/stsb-en-traindev", name="stsb-en-traindev-200q",
                            max_queries=200, max_corpus=1000, seed=0)]
         t0 = time.perf_counter()
-        res = evaluate_model(spec, tasks=tasks, out=work / f"{spec}.json", show=False,
-                             embedding_cache=EmbeddingCache(work / "emb"),
+        # two differently subsampled folders: ready task objects, and no task set from the config
+        res = evaluate_model(spec, EvalConfig(task_dirs=[]), extra_tasks=tasks, out=work / f"{spec}.json",
+                             show=False, embedding_cache=EmbeddingCache(work / "emb"),
                              prompts={"stsb-en-traindev-200q": "Retrieve semantically similar text."})
         seconds = time.perf_counter() - t0
         record = json.loads((work / f"{spec}.json").read_text())

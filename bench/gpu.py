@@ -74,7 +74,7 @@ def texts(n: int, words: int, seed: int) -> list[str]:
 def train_bench(emb, arch, batch: int, mini: int | None, q_len: int, d_len: int, steps: int = 4) -> dict:
     from tasks.config import TrainConfig
     from tasks.data import Pair
-    from tasks.train import embedding_batch, embedding_step
+    from tasks.training import embedding_batch, embedding_step
 
     pairs = [Pair(q, p, (n,), "Given a web search query, retrieve relevant passages")
              for q, p, n in zip(texts(batch, q_len, 1), texts(batch, d_len, 2), texts(batch, d_len, 3))]

@@ -1,6 +1,6 @@
 """GradCache: throughput and peak memory of the trainer step with and without caching.
 
-For each batch size, `tasks.train.embedding_step` runs end to end (mini_batch_size = null) and
+For each batch size, `tasks.training.embedding_step` runs end to end (mini_batch_size = null) and
 with GradCache (mini_batch_size = --chunk): embeddings first without a graph in chunks, the loss
 gradient w.r.t. the embeddings on the full batch, then each chunk re-encoded with a graph and
 back-propagated. It costs one extra forward (~4/3 of the FLOPs) and bounds activation memory
@@ -55,7 +55,7 @@ def _setup(model: str, q_len: int, d_len: int):
 
 
 def _step(emb, opt, cfg, eb, chunk: int | None) -> float:
-    from tasks.train import embedding_step
+    from tasks.training import embedding_step
 
     opt.zero_grad(set_to_none=True)
     loss = embedding_step(emb, eb, cfg.model_copy(update={"mini_batch_size": chunk}), 1.0)
@@ -65,7 +65,7 @@ def _step(emb, opt, cfg, eb, chunk: int | None) -> float:
 
 def probe(model: str, batch: int, chunk: int | None, q_len: int, d_len: int) -> dict:
     """Fresh process: one training step of one (batch, mode); memory is added by the harness."""
-    from tasks.train import embedding_batch
+    from tasks.training import embedding_batch
 
     emb, opt, cfg = _setup(model, q_len, d_len)
     eb = embedding_batch(harness.snli_pairs(batch), 1, 0, 0)
@@ -79,7 +79,7 @@ def agreement(emb, cfg, eb, chunk: int) -> dict[str, float]:
     """Loss and gradients with and without GradCache from the same weights and batch."""
     import torch
 
-    from tasks.train import embedding_step
+    from tasks.training import embedding_step
 
     out = {}
     for name, c in (("plain", None), ("cached", chunk)):
@@ -96,7 +96,7 @@ def agreement(emb, cfg, eb, chunk: int) -> dict[str, float]:
 
 
 def bench_model(model: str, batches: list[int], args: argparse.Namespace, log) -> dict[str, Any]:
-    from tasks.train import embedding_batch
+    from tasks.training import embedding_batch
 
     repeats = args.repeats if model == "micro" else 1
     emb, opt, cfg = _setup(model, args.q_len, args.d_len)

@@ -25,7 +25,6 @@ import tempfile
 import threading
 import time
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 from bench import harness

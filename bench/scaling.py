@@ -48,7 +48,7 @@ def _work(kind: str, size: int) -> Callable[[], Any]:
     torch.manual_seed(0)
     emb = Embedder.load(model_config("micro", 32, 96 if kind == "train" else 128), device="cpu")
     if kind == "train":
-        from tasks.train import embedding_batch, embedding_step
+        from tasks.training import embedding_batch, embedding_step
 
         emb.train()
         opt = torch.optim.AdamW([p for p in emb.parameters() if p.requires_grad], lr=1e-5)

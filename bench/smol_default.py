@@ -2,7 +2,7 @@
 own trainer and score every checkpoint on two full dev sets, with the instruction on.
 
 The experiment behind docs/smol-default.md (and conf/presets/smol.yaml). Every run is the real
-`tasks.train.train` on the preset's config plus the `key=value` overrides given, so the only
+`tasks.training.train` on the preset's config plus the `key=value` overrides given, so the only
 variables are the ones on the command line. After training, each kept checkpoint (and the final
 model) is encoded and scored:
 
@@ -89,6 +89,11 @@ def score(model_dir: Path, sets: dict, batch_size: int = 32) -> dict[str, float]
         if name == "stsb-en-dev":
             out[name + "/no-instruction"] = ndcg10(model.encode(queries, is_query=True, batch_size=batch_size),
                                                    d, rel)
+            # a symmetric task (SPEC 1): the sentences of the corpus get the instruction too, as the
+            # smol preset's evaluation does (eval.symmetric)
+            out[name + "/symmetric"] = ndcg10(
+                model.encode(queries, instruction=instruction, is_query=True, batch_size=batch_size),
+                model.encode(corpus, instruction=instruction, is_query=True, batch_size=batch_size), rel)
     torch.set_grad_enabled(True)
     return out
 
@@ -139,7 +144,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     from tasks.config import DataSource, load_config
-    from tasks.train import train
+    from tasks.training import train
 
     cfg = load_config(args.preset, args.overrides)
     q, c, r = stsb_dev(args.data / "sts-en" / "stsbenchmark-train-dev.tsv")

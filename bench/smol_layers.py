@@ -5,11 +5,11 @@ nDCG@10 of the last-token state of every layer, with and without the instruction
                                               # bench/smol_default.py --no-train --out DIR
 """
 from pathlib import Path
-import sys, torch, numpy as np
+import sys, torch
 sys.path.insert(0, str(Path(__file__).parent))
 from smol_default import stsb_dev, ndcg10, STS_INSTRUCTION
 
-from tasks.models import Embedder, format_query, _pad_left, batch_by_length
+from tasks.models import Embedder, batch_by_length, format_query, pad_left
 import torch.nn.functional as F
 q, c, r = stsb_dev(Path('../shared/data/sts-en/stsbenchmark-train-dev.tsv'))
 r=[{i} for i in r]
@@ -18,7 +18,7 @@ def enc(texts, ml):
     ids = m.token_ids(texts, ml); out=[None]*len(texts)
     with torch.inference_mode():
         for b in batch_by_length([len(x) for x in ids], 64):
-            x, mask = _pad_left([ids[i] for i in b], m.pad_id, m.device)
+            x, mask = pad_left([ids[i] for i in b], m.pad_id, m.device)
             hs = m.backbone(input_ids=x, attention_mask=mask, output_hidden_states=True).hidden_states
             for k,i in enumerate(b): out[i]=torch.stack([F.normalize(h[k,-1].float(),dim=-1) for h in hs])
     return torch.stack(out).numpy()  # [n, L+1, H]

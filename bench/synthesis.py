@@ -1,6 +1,6 @@
 """Synthesis throughput with the real local generator (SmolLM2-135M-Instruct through transformers).
 
-`tasks.synthesize.synthesize` on the first --passages passages of en-nq-msmarco.jsonl (retrieval
+`tasks.synthesis.run.synthesize` on the first --passages passages of en-nq-msmarco.jsonl (retrieval
 pairs: configuration + query generation, the paper's A.1 templates), in shards of
 --shard-size, on one local Ray instance started once (its start-up is timed separately):
   w1-b8   1 Ray worker (1 CPU, 1 torch thread), generator batch_size 8
@@ -57,17 +57,19 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     import ray
 
     from tasks.distributed import init_ray
-    from tasks.synthesize import (_persona_cache, _persona_encoder, load_passages, load_personas,
-                                  retrieve_personas, synthesize, truncate_words)
+    from tasks.synthesis.encoders import persona_cache, persona_encoder
+    from tasks.synthesis.plan import load_passages, load_personas, retrieve_personas
+    from tasks.synthesis.run import synthesize
+    from tasks.synthesis.text import truncate_words
 
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     base = synth_config(args, 1, 8)
     # Warm the driver-side persona retrieval so no configuration pays for loading it.
     t0 = time.perf_counter()
-    enc = _persona_encoder(base.persona_retriever)
+    enc = persona_encoder(base.persona_retriever)
     texts = [truncate_words(p.text, base.max_passage_words) for p in load_passages(base.passages, limit=args.passages)]
     retrieve_personas(texts, load_personas(base.personas), enc, top_k=base.top_personas,
-                      cache=_persona_cache(Path(base.personas), base.persona_retriever))
+                      cache=persona_cache(Path(base.personas), base.persona_retriever))
     persona_warm_s = time.perf_counter() - t0
 
     started_here = not ray.is_initialized()

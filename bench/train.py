@@ -2,7 +2,7 @@
 
 Sides (every side: zero_grad, tokenise, forward, loss, backward, AdamW step; no clipping, no
 scheduler, no Trainer):
-  ours          `tasks.train.embedding_step`: full improved InfoNCE (hard negative, qq/dd/qd
+  ours          `tasks.training.embedding_step`: full improved InfoNCE (hard negative, qq/dd/qd
                 in-batch terms, false-negative mask), end-to-end backprop
   ours+gc       the same with GradCache (`TrainConfig.mini_batch_size` = --chunk)
   st-mnrl       SentenceTransformer `model(features)` + MultipleNegativesRankingLoss (anchor,
@@ -116,7 +116,7 @@ class Sides:
                                                             mini_batch_size=chunk)
 
     def step(self, side: str, eb) -> float:
-        from tasks.train import embedding_step
+        from tasks.training import embedding_step
 
         if side in ("ours", "ours+gc"):
             self.opt.zero_grad(set_to_none=True)
@@ -143,7 +143,7 @@ def memory_probe(folder: str, side: str, batch: int, q_len: int, d_len: int, chu
     by the harness)."""
     import torch
 
-    from tasks.train import embedding_batch
+    from tasks.training import embedding_batch
 
     torch.manual_seed(0)
     sides = Sides(folder, q_len, d_len, chunk, sides=(side,))
@@ -161,7 +161,7 @@ def bench_model(model: str, args: argparse.Namespace, peak: dict, log) -> dict[s
     import torch
 
     from tasks.models import Embedder
-    from tasks.train import embedding_batch
+    from tasks.training import embedding_batch
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:

@@ -127,7 +127,7 @@ def train_cmd(
     """Train one stage (embedding: improved InfoNCE; reranker: yes/no SFT) and save checkpoints + final model."""
     from tasks.config import DataSource
     from tasks.data import DataError
-    from tasks.train import train
+    from tasks.training import train
 
     _setup_logging()
     cfg = _config(preset, overrides, files)
@@ -236,7 +236,8 @@ def eval_cmd(
     Example: q3e eval micro --task-dir data/beir/nq-msmarco-hardneg --max-queries 5 --max-corpus 50
     """
     from tasks.data import DataError
-    from tasks.evaluate import evaluate_model
+    from tasks.config import EvalConfig
+    from tasks.evaluation.run import evaluate_model
     from tasks.models import ModelLoadError
 
     _setup_logging()
@@ -244,12 +245,14 @@ def eval_cmd(
     if not (benchmark or task or task_dir or sts or pairclf):
         raise _fail(ValueError("nothing to evaluate: give --benchmark, --task, --task-dir, --sts or --pairclf"))
     try:
-        results = evaluate_model(
-            model, benchmark=benchmark, tasks=task or None, task_dirs=task_dir or None, sts=sts or None,
-            pairclf=pairclf or None, reranker=reranker, rerank_top_k=rerank_top_k, dim=dim, out=out,
-            max_queries=max_queries, max_corpus=max_corpus, max_pairs=max_pairs, batch_size=batch_size,
-            prompts=prompts, mlflow_run_id=mlflow_run_id, show=False)
-    except (DataError, ModelLoadError, ValueError, FileNotFoundError) as e:
+        # the flags name every task set (none of conf's eval sets is added); the rest is conf/base.yaml's
+        cfg = EvalConfig(benchmark=benchmark, tasks=task or [], task_dirs=[str(p) for p in task_dir or []],
+                         sts=[str(p) for p in sts or []], pairclf=[str(p) for p in pairclf or []],
+                         rerank_top_k=rerank_top_k, batch_size=batch_size, max_queries=max_queries,
+                         max_corpus=max_corpus, max_pairs=max_pairs)
+        results = evaluate_model(model, cfg, reranker=reranker, dim=dim, out=out, prompts=prompts,
+                                 mlflow_run_id=mlflow_run_id, show=False)
+    except (DataError, ModelLoadError, ValueError, FileNotFoundError) as e:  # ValueError: also a bad flag
         raise _fail(e) from None
     width = max(len(name) for name in results)
     for name, scores in results.items():
@@ -281,9 +284,9 @@ def synth_cmd(
 
     from tasks.config import SynthConfig
     from tasks.data import DataError
-    from tasks.generate import GeneratorError
     from tasks.models import ModelLoadError
-    from tasks.synthesize import synthesize
+    from tasks.synthesis.generators import GeneratorError
+    from tasks.synthesis.run import synthesize
 
     _setup_logging()
     cfg = _config(preset, overrides, files)

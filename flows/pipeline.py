@@ -310,11 +310,11 @@ def _resolve(root: Path, p: str | None) -> Path | None:
 def main_scores(results: dict) -> dict[str, float]:
     """{task: main score} of one model's evaluation (reranking: the reranked nDCG@10)."""
     out = {}
-    for task, metrics in results.items():
+    for task_name, metrics in results.items():
         if not isinstance(metrics, dict):
             continue
         if "main_score" in metrics:
-            out[task] = metrics["main_score"]
+            out[task_name] = metrics["main_score"]
     return out
 
 
@@ -368,12 +368,12 @@ def _log_final(ctx: Context, summary: dict, final_model: str, final_reranker: st
     pid = ctx.parent_run_id
     metrics = {}
     for name, scores in summary["scores"].items():
-        for task, value in scores.items():
-            metrics[f"eval/{name}/{task}"] = value
-    for task, value in summary["scores"].get(summary["final_model"], {}).items():
-        metrics[f"final/{task}"] = value
-    for task, value in summary["scores"].get("reranker", {}).items():
-        metrics[f"final/rerank/{task}"] = value
+        for task_name, value in scores.items():
+            metrics[f"eval/{name}/{task_name}"] = value
+    for task_name, value in summary["scores"].get(summary["final_model"], {}).items():
+        metrics[f"final/{task_name}"] = value
+    for task_name, value in summary["scores"].get("reranker", {}).items():
+        metrics[f"final/rerank/{task_name}"] = value
     metrics.update({"time/wall_s": summary["wall_s"], "time/compute_s": summary["compute_s"],
                     "time/overhead_s": summary["overhead_s"]})
     metrics.update({f"check/{c['name']}": float(c["passed"]) for c in summary["checks"]})

@@ -134,8 +134,8 @@ class DataSource(Strict):
 
 
 class DistributedConfig(Strict):
-    """How a training stage runs: `local` = one process (tasks/train.py); `ray_train` = data-parallel
-    Ray Train workers (tasks/ray_train.py): DDP, or DeepSpeed ZeRO-2/3 when `deepspeed` is set."""
+    """How a training stage runs: `local` = one process; `ray_train` = data-parallel
+    Ray Train workers (tasks/training/): DDP, or DeepSpeed ZeRO-2/3 when `deepspeed` is set."""
 
     engine: Literal["local", "ray_train"]
     num_workers: int = Field(gt=0, description="ray_train: training processes (one per GPU when use_gpu)")
@@ -296,6 +296,7 @@ class EvalConfig(Strict):
     batch_size: int = Field(gt=0)
     rerank_top_k: int = Field(gt=0)
     dims: list[int]
+    symmetric: list[str]
     max_queries: int | None = Field(gt=0)
     max_corpus: int | None = Field(gt=0)
     resources: Resources

@@ -602,8 +602,3 @@ def honour_umask(folder: str | Path) -> None:
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def write_pairs(path: str | Path, pairs: Iterable[Pair]) -> Path:
-    return write_jsonl(path, (p.to_record() for p in pairs))
-

@@ -29,7 +29,7 @@ import numpy as np
 from tasks.config import FilterConfig, ModelConfig
 from tasks.data import DataError, atomic_write_text, iter_jsonl, write_jsonl
 from tasks.distributed import ray_session, run_on_actors
-from tasks.synthesize import encoder_id, load_encoder
+from tasks.models.specs import encoder_id, load_encoder
 
 HISTOGRAM = "scores.png"
 

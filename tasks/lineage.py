@@ -43,7 +43,6 @@ def read_dvc_file(path: str | Path) -> dict:
     return outs[0]
 
 
-
 def is_clean(root: Path, target: str) -> bool:
     """The workspace copy of `target` matches its .dvc file."""
     return not _repo(root).status(targets=[str(root / f"{target}.dvc")])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.config import DataSource, ModelConfig, Resources, TrainConfig
+from tasks.config import DataSource, EvalConfig, ModelConfig, Resources, TrainConfig
 from tasks.data import atomic_write_text
 
 # Bump when a stage's output format or semantics change, so old artifacts are not reused.
@@ -83,7 +83,7 @@ def train_stage(cfg: TrainConfig, model_cfg: ModelConfig, out_dir: str, *, init:
                 extra_data: list[str] | None = None, data_root: str | None = None) -> dict:
     """Train one stage; `extra_data` = folders of synthetic shards appended to the stage's data.
     The engine (one process, or Ray Train workers) is `cfg.distributed.engine`."""
-    from tasks.train import train
+    from tasks.training import train
 
     sources = list(cfg.data) + [DataSource(path=p) for p in (extra_data or [])]
     cfg = cfg.model_copy(update={"data": sources})
@@ -119,22 +119,20 @@ def _under(root: str | None, paths: list[str]) -> list[str]:
     return [str(resolve_path(p, root)) for p in paths]
 
 
-def eval_stage(model, cfg, out_dir: str, *, reranker: str | None = None, data_root: str | None = None,
-               label: str = "model") -> dict:
+def eval_stage(model, cfg: EvalConfig, out_dir: str, *, reranker: str | None = None,
+               data_root: str | None = None, label: str = "model") -> dict:
     """Evaluate one model (and optionally the reranker on its top-k) through mteb; local paths in
     the eval config are relative to the project root."""
-    from tasks.evaluate import evaluate_model
+    from tasks.evaluation.run import evaluate_model
 
+    local = ("task_dirs", "sts", "pairclf")
+    cfg = cfg.model_copy(update={key: _under(data_root, getattr(cfg, key)) for key in local})
     out = Path(out_dir) / "results.json"
     results: dict = {}
     # the full dimension gives the main scores; each of eval.dims (MRL) adds `<task>@<dim>` entries
     for dim in [None, *cfg.dims]:
-        scores = evaluate_model(
-            model, tasks=cfg.tasks, task_dirs=_under(data_root, cfg.task_dirs), sts=_under(data_root, cfg.sts),
-            pairclf=_under(data_root, cfg.pairclf), benchmark=cfg.benchmark, reranker=reranker,
-            batch_size=cfg.batch_size, rerank_top_k=cfg.rerank_top_k, max_queries=cfg.max_queries,
-            max_corpus=cfg.max_corpus, max_pairs=cfg.max_pairs, revision=None, show=False, dim=dim,
-            out=out if dim is None else out.with_name(f"results@{dim}.json"))
+        scores = evaluate_model(model, cfg, reranker=reranker, dim=dim, show=False,
+                                out=out if dim is None else out.with_name(f"results@{dim}.json"))
         results.update(scores if dim is None else {f"{task}@{dim}": m for task, m in scores.items()})
     table = Path(out_dir) / "results.md"
     rows = ["| task | main score |", "|---|---|"] + [f"| {t} | {m['main_score']:.4f} |" for t, m in results.items()]
@@ -147,7 +145,7 @@ def synth_stage(cfg, out_dir: str, *, data_root: str | None = None, ray_address:
                 project_root: str | None = None, dvc_remote: str | None = None) -> dict:
     """Synthesis into a DVC-tracked data set folder; returns its shard folder and DVC version."""
     from tasks.lineage import track_dataset
-    from tasks.synthesize import synthesize
+    from tasks.synthesis.run import synthesize
 
     res = synthesize(cfg, out_dir, data_root=data_root, ray_address=ray_address, progress=True)
     stats_path = Path(out_dir) / "stats.json"

@@ -113,6 +113,24 @@ def log_history(run_id: str, history: list[dict], prefix: str = "train/") -> Non
         client.log_batch(run_id, metrics=part)
 
 
+def log_eval_results(run_id: str, results: dict[str, dict[str, float]],
+                     result_file: Path | None = None) -> None:
+    """Log `eval/<task>/<metric>` of `evaluate_model`'s results (and the result JSON under `eval/`)
+    to an existing MLflow run; never creates one. nAUC abstention metrics are skipped."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(_metric_key(f"eval/{task}/{m}"), float(v), now, 0) for task, scores in results.items()
+               for m, v in scores.items() if not m.startswith("nauc") and math.isfinite(float(v))]
+    client = __import__("mlflow").MlflowClient()
+    for part in _chunks(metrics, 500):
+        client.log_batch(run_id, metrics=part)
+    if result_file is not None:
+        client.log_artifact(run_id, str(result_file), artifact_path="eval")
+
+
 def _metric_key(key: str) -> str:
     # MLflow keys: alphanumerics, _ - . / and spaces
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)

@@ -1,14 +1,18 @@
-"""Shared fixtures. Tests use real data from ../shared/data and tiny real models (the `micro`
-preset: a randomly initialised 2-layer Qwen3), never a hub."""
+"""Shared fixtures, and the order tests run in. Tests use real data from ../shared/data and tiny
+real models (the `micro` preset: a randomly initialised 2-layer Qwen3), never a hub.
+
+Tiers: tests marked `slow` (the end-to-end flows, the benchmark smoke run, tests that start
+interpreters or whole services) run after all the others, so a broken unit shows in the first
+minutes; `-m "not slow"` leaves them out. Helpers that are not fixtures live in modules named for
+what they hold: fakes.py (scripted LLMs), configs.py (the micro configurations).
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("Q3E_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 _MLFLOW_URI_MODULE = "mlflow.tracking._tracking_service.utils"
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering (it groups items by fixture scope)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Fast tests first, `slow` ones last; otherwise the collection order (a stable sort)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
 
 
 @pytest.fixture(autouse=True)
@@ -96,36 +106,20 @@ def prefect_server():
         yield
 
 
-class ScriptedLLM(BaseHTTPRequestHandler):
-    """Answers the configuration and query-generation prompts of the paper's templates."""
-
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        # the last user turn is the request (an earlier one may be the template's example)
-        system = body["messages"][0]["content"]
-        user = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
-        if "select the appropriate option" in system:
-            first = re.search(r"^\s*1\. (.+)$", user.split("**Character**")[-1], re.M).group(1)
-            content = {"Character": first, "Question_Type": "keywords", "Difficulty": "university"}
-        elif "generate a query" in system:
-            passage = user.split("**Passage**")[1].split("**Requirement**")[0].split()
-            content = {"Query": "what do we know about " + " ".join(passage[4:10])}
-        else:
-            content = {}
-        payload = json.dumps({"id": "x", "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": json.dumps(content)}, "finish_reason": "stop"}]})
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload.encode())
+@pytest.fixture(scope="session")
+def personas_file(shared_data, tmp_path_factory) -> Path:
+    """The first 400 real PersonaHub personas (the full 5k file costs ~30 s of MiniLM once)."""
+    lines = (shared_data / "personas" / "personahub-5k.txt").read_text(encoding="utf-8").splitlines()[:400]
+    path = tmp_path_factory.mktemp("personas") / "personas-400.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="session")
 def llm_url():
+    """An OpenAI-compatible endpoint on loopback that answers every synthesis request validly."""
+    from tests.fakes import ScriptedLLM
+
     server = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedLLM)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"

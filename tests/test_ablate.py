@@ -7,6 +7,8 @@ import math
 
 import pytest
 
+from tests.configs import pipeline_overrides
+
 pytestmark = pytest.mark.slow
 
 PAPER = ["full", "no-merge", "no-synthetic", "only-synthetic"]
@@ -20,12 +22,6 @@ def _project(tmp_path_factory, name):
     return root
 
 
-def _overrides(shared_data, llm_url, *extra):
-    from tests.test_pipeline import overrides
-
-    return overrides(shared_data, llm_url, *extra)
-
-
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory, shared_data, llm_url, prefect_server, ray_session, monkeypatch_module):
     from flows.ablate import ablate
@@ -33,8 +29,10 @@ def sweeps(tmp_path_factory, shared_data, llm_url, prefect_server, ray_session, 
     monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
     a = _project(tmp_path_factory, "sweep-a")
     b = _project(tmp_path_factory, "sweep-b")
-    all_settings = ablate(preset="micro", overrides=_overrides(shared_data, llm_url), project_dir=str(a))
-    paper_only = ablate(preset="micro", only=PAPER, overrides=_overrides(shared_data, llm_url), project_dir=str(b))
+    all_settings = ablate(preset="micro", overrides=pipeline_overrides(shared_data, llm_url),
+                          project_dir=str(a))
+    paper_only = ablate(preset="micro", only=PAPER, overrides=pipeline_overrides(shared_data, llm_url),
+                        project_dir=str(b))
     return {"a": (a, all_settings), "b": (b, paper_only)}
 
 
@@ -99,16 +97,6 @@ def test_rerun_reproduces_a_run_from_mlflow(sweeps, tmp_path):
     again = pipeline(preset=args["preset"], ablation=args["ablation"], config_files=args["config_files"],
                      project_dir=str(root))
     assert again["scores"] == res["summaries"]["no-synthetic"]["scores"]
-
-
-def test_decision_rule():
-    from flows.retrain import decide
-
-    champ = {"version": "3", "score": 0.5}
-    assert decide(0.4, None, "mean", 0.0)[0] == "promoted"
-    assert decide(0.5, champ, "mean", 0.0)[0] == "promoted"
-    assert decide(0.49, champ, "mean", 0.0)[0] == "kept"
-    assert decide(0.49, champ, "mean", 0.02)[0] == "promoted"
 
 
 def test_retraining_promotes_skips_and_follows_the_rule(tmp_path_factory, shared_data, prefect_server, ray_session,

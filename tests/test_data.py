@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tasks.config import DataSource
-from tasks.data import DataError, load_beir, load_source, pairs_from_beir, read_pairs, write_pairs
+from tasks.data import DataError, load_beir, load_source, pairs_from_beir, read_pairs, write_jsonl
 
 
 def test_reads_flagembedding_msswift_and_triplets(shared_data, tmp_path):
@@ -16,7 +16,7 @@ def test_reads_flagembedding_msswift_and_triplets(shared_data, tmp_path):
     assert fe[1].instruction == "Retrieve semantically similar text."  # the record's own prompt
     tri, _ = read_pairs(shared_data / "triplets-en" / "snli_dev_triplets.jsonl", limit=5)
     assert len(tri) == 5 and len(tri[0].negatives) == 1
-    out = write_pairs(tmp_path / "p.jsonl", fe)
+    out = write_jsonl(tmp_path / "p.jsonl", (p.to_record() for p in fe))
     back, _ = read_pairs(out)
     assert back == fe  # ms-swift round trip
     rec = json.loads(out.read_text().splitlines()[0])
@@ -112,7 +112,7 @@ def test_saved_models_checkpoints_and_merges_honour_the_umask(micro_cfg, shared_
 
     from tasks.config import DataSource
     from tasks.merge import slerp_merge
-    from tasks.train import train
+    from tasks.training import train
 
     cfg = micro_cfg.stage2.model_copy(update={
         "data": [DataSource(path=str(shared_data / "triplets-en" / "snli_dev_triplets.jsonl"), limit=16)],

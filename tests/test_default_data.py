@@ -84,7 +84,7 @@ def test_num_layers_keeps_the_first_layers_and_saves_the_smaller_model(micro_cfg
 
 
 def test_symmetric_pairs_put_the_instruction_on_every_document():
-    from tasks.train import embedding_batch
+    from tasks.training import embedding_batch
 
     inst = "Retrieve semantically similar text."
     pairs = [Pair("a cat sits", "a cat is sitting", ("a dog runs",), inst, True),
@@ -110,7 +110,8 @@ def test_the_committed_presynthesised_set_is_what_the_smol_preset_would_generate
     from pathlib import Path
 
     from tasks.config import load_config
-    from tasks.synthesize import iter_jsonl, shard_name, synth_manifest
+    from tasks.data import iter_jsonl
+    from tasks.synthesis.run import shard_name, synth_manifest
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config("smol").synth

@@ -1,4 +1,4 @@
-"""Evaluation (tasks/evaluate.py): local tasks through mteb on the micro model, metrics mteb must
+"""Evaluation (tasks/evaluation/): local tasks through mteb on the micro model, metrics mteb must
 reproduce exactly on hand-computable rankings, reranking, the embedding cache and `q3e eval`."""
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ from mteb.types import PromptType
 
 from tasks.config import EvalConfig
 from tasks.data import DataError, write_jsonl
-from tasks.evaluate import (
-    EmbeddingCache, MtebEmbedder, TaskPrompts, beir_task, evaluate_model, evaluate_reranking, log_to_mlflow,
-    pair_classification_task, parameters_fingerprint, rerank_run, resolve_tasks, run_task, score_run,
-    sts_task,
+from tasks.evaluation.cache import EmbeddingCache
+from tasks.evaluation.encoders import MtebEmbedder
+from tasks.evaluation.fingerprints import parameters_fingerprint
+from tasks.evaluation.local_tasks import beir_task, pair_classification_task, sts_task
+from tasks.evaluation.prompts import TaskPrompts
+from tasks.evaluation.run import (
+    evaluate_model, evaluate_reranking, rerank_run, resolve_tasks, run_task, score_run,
 )
 
 INV_LOG2_3 = 1 / math.log2(3)  # nDCG@10 of a single relevant document found at rank 2
@@ -111,7 +114,7 @@ def test_oracle_encoder_through_mteb_gives_exact_ndcg(tmp_path):
     assert second["mrr_at_10"] == pytest.approx(0.5, abs=1e-5)
     assert second["recall_at_1"] == 0 and second["recall_at_3"] == pytest.approx(1.0)
     # the pipeline's path: what to evaluate comes from an EvalConfig
-    res = evaluate_model(OracleEncoder(second=True), eval_cfg=EvalConfig(task_dirs=[str(folder)]),
+    res = evaluate_model(OracleEncoder(second=True), EvalConfig(task_dirs=[str(folder)]),
                          out=tmp_path / "cfg.json", show=False)
     assert res["tiny"]["ndcg_at_10"] == pytest.approx(INV_LOG2_3, abs=1e-5)
 
@@ -139,8 +142,9 @@ def test_oracle_reranker_through_mteb_improves_ndcg(tmp_path):
 
 
 def test_micro_reranker_end_to_end(micro_embedder, micro_reranker, shared_data, tmp_path):
-    res = evaluate_model(micro_embedder, task_dirs=[shared_data / "beir/nq-msmarco-hardneg"], max_queries=3,
-                         max_corpus=30, reranker=micro_reranker, rerank_top_k=5, out=tmp_path / "r.json",
+    cfg = EvalConfig(task_dirs=[str(shared_data / "beir/nq-msmarco-hardneg")], max_queries=3, max_corpus=30,
+                     rerank_top_k=5)
+    res = evaluate_model(micro_embedder, cfg, reranker=micro_reranker, out=tmp_path / "r.json",
                          embedding_cache=tmp_path / "emb", show=False)
     before, after = res["nq-msmarco-hardneg"], res["nq-msmarco-hardneg/rerank"]
     for m in ("ndcg_at_10", "map_at_10", "mrr_at_10", "recall_at_100"):
@@ -155,12 +159,12 @@ def test_micro_reranker_end_to_end(micro_embedder, micro_reranker, shared_data, 
 
 def test_local_tasks_through_mteb_on_micro(micro_embedder, shared_data, tmp_path):
     out = tmp_path / "eval.json"
-    res = evaluate_model(
-        micro_embedder,
-        task_dirs=[shared_data / "beir/nq-msmarco-hardneg", shared_data / "beir/stsb-en-traindev"],
-        sts=[shared_data / "sts-en/stsbenchmark-train-dev.tsv"],
-        pairclf=[shared_data / "zh-pairclf/PAWSX.valid.tsv"],
-        max_queries=8, max_corpus=60, max_pairs=80, out=out, embedding_cache=tmp_path / "emb", show=True)
+    cfg = EvalConfig(
+        task_dirs=[str(shared_data / "beir/nq-msmarco-hardneg"), str(shared_data / "beir/stsb-en-traindev")],
+        sts=[str(shared_data / "sts-en/stsbenchmark-train-dev.tsv")],
+        pairclf=[str(shared_data / "zh-pairclf/PAWSX.valid.tsv")],
+        max_queries=8, max_corpus=60, max_pairs=80)
+    res = evaluate_model(micro_embedder, cfg, out=out, embedding_cache=tmp_path / "emb", show=True)
     assert set(res) == {"nq-msmarco-hardneg", "stsb-en-traindev", "stsbenchmark-train-dev", "PAWSX.valid"}
     for name in ("nq-msmarco-hardneg", "stsb-en-traindev"):
         s = res[name]
@@ -187,8 +191,7 @@ def test_eval_stage_scores_every_listed_mrl_dimension(micro_embedder, shared_dat
     task = "nq-msmarco-hardneg"
     assert set(res) == {task, f"{task}@4", f"{task}@16"}
     assert (tmp_path / "results@4.json").is_file() and (tmp_path / "results@16.json").is_file()
-    direct = evaluate_model(micro_embedder, task_dirs=[shared_data / "beir/nq-msmarco-hardneg"], max_queries=8,
-                            max_corpus=60, dim=4, show=False)
+    direct = evaluate_model(micro_embedder, cfg, dim=4, show=False)
     assert res[f"{task}@4"] == direct[task] and res[task] != res[f"{task}@4"]
 
 
@@ -286,6 +289,27 @@ def test_queries_get_the_instruction_documents_none_symmetric_both(micro_embedde
     assert enc.instruction(sts, None) == "Retrieve semantically similar text."
 
 
+def test_a_symmetric_local_set_gives_its_documents_the_instruction(micro_embedder, shared_data):
+    """eval.symmetric: an STS set laid out as retrieval is still a symmetric task (SPEC 1): its
+    documents get the query's instruction, which changes their vectors; a name matching no task is refused."""
+    from tasks.config import load_config
+
+    folder = shared_data / "beir/stsb-zh-valid"
+    task = beir_task(folder, max_queries=4, max_corpus=12)
+    plain = MtebEmbedder(micro_embedder, name="micro", fingerprint="x")
+    sym = MtebEmbedder(micro_embedder, name="micro", fingerprint="x", symmetric=[task.metadata.name])
+    assert plain.instruction(task.metadata, PromptType.document) is None
+    assert sym.instruction(task.metadata, PromptType.document) == sym.instruction(task.metadata, PromptType.query)
+    assert plain.instruction(task.metadata, PromptType.query) == sym.instruction(task.metadata, PromptType.query)
+    docs = ["一个男人在弹吉他。"]
+    assert not np.allclose(sym.embed(docs, instruction=sym.instruction(task.metadata, PromptType.document),
+                                     max_length=32),
+                           plain.embed(docs, instruction=None, max_length=32))
+    cfg = load_config("micro", [f"eval.task_dirs=[{folder}]", "eval.symmetric=[no-such-task]"]).eval
+    with pytest.raises(ValueError, match="no-such-task"):
+        evaluate_model(micro_embedder, cfg, out=None, show=False, embedding_cache=False)
+
+
 def test_standard_benchmarks_resolve_offline():
     assert len(resolve_tasks("MTEB(eng, v2)")) == 41
     assert len(resolve_tasks("MTEB(cmn, v1)")) == 31
@@ -321,8 +345,10 @@ def test_embedding_cache_skips_encode_and_misses_on_another_fingerprint(micro_em
         MtebEmbedder(micro_embedder, name="micro", fingerprint="x", dim=10_000)
 
 
-def test_log_to_mlflow_writes_eval_metrics_to_an_existing_run(tmp_path, monkeypatch):
+def test_log_eval_results_writes_eval_metrics_to_an_existing_run(tmp_path, monkeypatch):
     import mlflow
+
+    from tasks.tracking import log_eval_results
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()
@@ -331,7 +357,7 @@ def test_log_to_mlflow_writes_eval_metrics_to_an_existing_run(tmp_path, monkeypa
     result_file = tmp_path / "r.json"
     result_file.write_text("{}")
     results = {"nq/rerank": {"ndcg_at_10": 0.5, "main_score": 0.5, "nauc_at_10_max": 0.1}}
-    log_to_mlflow(run_id, results, result_file)
+    log_eval_results(run_id, results, result_file)
     metrics = client.get_run(run_id).data.metrics
     assert metrics == {"eval/nq/rerank/ndcg_at_10": 0.5, "eval/nq/rerank/main_score": 0.5}
     assert [a.path for a in client.list_artifacts(run_id, "eval")] == ["eval/r.json"]
@@ -342,10 +368,11 @@ def test_log_to_mlflow_writes_eval_metrics_to_an_existing_run(tmp_path, monkeypa
 def test_cli_eval_micro_and_bad_task_dir(shared_data, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import tasks.evaluate
+    import tasks.evaluation.run
     from flows.cli import app
 
-    monkeypatch.setattr(tasks.evaluate, "default_embedding_cache", lambda: EmbeddingCache(tmp_path / "emb"))
+    monkeypatch.setattr(tasks.evaluation.run, "default_embedding_cache",
+                        lambda: EmbeddingCache(tmp_path / "emb"))
     out = tmp_path / "cli.json"
     runner = CliRunner()
     res = runner.invoke(app, ["eval", "micro", "--task-dir", str(shared_data / "beir/nq-msmarco-hardneg"),

@@ -12,7 +12,7 @@ import pytest
 from tasks.config import FilterConfig
 from tasks.data import write_jsonl
 from tasks.filter import filter_pairs, score_pairs
-from tasks.synthesize import INSTRUCTIONS
+from tasks.synthesis.prompts import INSTRUCTIONS
 
 EXAMPLES = "flagembedding-examples"
 
@@ -102,12 +102,28 @@ def test_filter_keeps_exactly_the_pairs_above_threshold(ray_session, micro_cfg, 
 
 
 def test_sentence_transformer_scorer_ranks_positives_above_negatives(shared_data):
-    from tasks.synthesize import load_encoder
+    from tasks.models.specs import load_encoder
 
     recs = [r for r in _records(shared_data) if r["meta"]["task"] == "retrieval"]
     scores = score_pairs(load_encoder("bundled:all-minilm-l6-v2"), recs, batch_size=8)
     pos, neg = scores[0::2], scores[1::2]  # (query, positive), (query, hard negative) alternate
     assert np.all(np.abs(scores) <= 1 + 1e-5) and pos.mean() > neg.mean()
+
+
+def test_one_spec_loader_for_filter_and_evaluation_and_no_instruction_for_sentence_transformers():
+    """The filter and evaluation read `bundled:all-minilm-l6-v2` the same way, and a model never
+    trained with `Instruct: ...\nQuery:` gets no instruction (it would only add noise to the cosine)."""
+    from tasks.evaluation.encoders import load_embedding_model
+    from tasks.models.specs import load_encoder, sentence_transformers_source
+
+    texts = ["A man is playing a guitar.", "Someone plays an instrument."]
+    enc = load_encoder("bundled:all-minilm-l6-v2", device="cpu")
+    plain = enc.encode(texts)
+    assert np.array_equal(enc.encode(texts, instruction="Retrieve semantically similar text.", is_query=True), plain)
+    loaded = load_embedding_model("bundled:all-minilm-l6-v2", device="cpu").model
+    assert np.allclose(loaded.encode(texts, normalize_embeddings=True), plain, atol=1e-6)
+    assert sentence_transformers_source("bundled:smollm2") is None and sentence_transformers_source("micro") is None
+    assert sentence_transformers_source("st:some/hub-name") == "some/hub-name"
 
 
 def test_filter_cli_reuses_finished_shards(ray_session, pairs_dir, tmp_path, micro_cfg):

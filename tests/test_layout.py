@@ -26,3 +26,50 @@ def test_nothing_under_tasks_imports_prefect_or_the_flows():
     assert {k: v for k, v in offenders.items() if v} == {}
     # the check sees imports inside functions too: the flows' own modules do import prefect
     assert any(n.split(".")[0] == "prefect" for n in _imports(ROOT / "flows" / "pipeline.py"))
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported_on_load(path: Path, known: set[str]) -> set[str]:
+    """The modules of `known` that `path` imports at module level (function-level imports run later)."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names & known
+
+
+def test_modules_under_tasks_import_each_other_without_a_cycle():
+    paths = {_module_name(p): p for p in sorted((ROOT / "tasks").rglob("*.py"))}
+    graph = {m: sorted(_imported_on_load(p, set(paths))) for m, p in paths.items()}
+    cycles, done = [], set()
+
+    def visit(module: str, chain: list[str]) -> None:
+        if module in chain:
+            cycles.append(" -> ".join(chain[chain.index(module):] + [module]))
+            return
+        if module in done:
+            return
+        for dep in graph[module]:
+            visit(dep, chain + [module])
+        done.add(module)
+
+    for module in graph:
+        visit(module, [])
+    assert cycles == []
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in conftest.py (fixtures) and in support modules named for what they
+    hold (fakes.py, configs.py), so running or moving one test module never runs another's import."""
+    offenders = {}
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        imported = sorted(n for n in _imports(path) if n.split(".")[-1].startswith("test_"))
+        if imported:
+            offenders[str(path.relative_to(ROOT))] = imported
+    assert offenders == {}

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from tasks.config import LoraConfig, ModelConfig
 from tasks.models import (
-    RERANK_PREFIX, RERANK_SUFFIX, Embedder, ModelLoadError, Reranker, _pad_left, bundled_path,
-    cross_encoder_pair, format_query, last_token_pool, resolve_backbone,
+    RERANK_PREFIX, RERANK_SUFFIX, Embedder, ModelLoadError, Reranker, bundled_path,
+    cross_encoder_pair, format_query, last_token_pool, pad_left, resolve_backbone,
 )
 
 TEXTS = ["what is the capital of france", "Paris is the capital and most populous city of France.",
@@ -150,7 +150,7 @@ def test_lora_trains_only_adapters_and_saves_merged(micro_cfg, tmp_path):
 
 
 def test_pad_left():
-    ids, mask = _pad_left([[5, 6], [7]], 0, "cpu")
+    ids, mask = pad_left([[5, 6], [7]], 0, "cpu")
     assert ids.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[1, 1], [0, 1]]
 
 

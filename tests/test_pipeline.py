@@ -6,9 +6,10 @@ are valid and the run is fast); everything else is the production code path."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+
+from tests.configs import pipeline_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -22,24 +23,11 @@ def project(tmp_path_factory):
     return root
 
 
-def overrides(shared_data: Path, llm_url: str, *extra: str) -> list[str]:
-    return [
-        f"data.source={shared_data}",
-        "data.include=[passages/en-nq-msmarco.jsonl, personas/personahub-5k.txt, triplets-en, beir/nq-msmarco-hardneg]",
-        "data.derived=[]",
-        "synth.generator.backend=openai", f"synth.generator.base_url={llm_url}", "synth.generator.model=scripted",
-        "synth.num_passages=12", "synth.shard_size=6",
-        "stage2.data=[{path: data/triplets-en/snli_dev_triplets.jsonl, limit: 200}]",
-        "reranker.data=[{path: data/triplets-en/snli_dev_triplets.jsonl, limit: 100}]",
-        "filter.threshold=0.2",
-        *extra,
-    ]
-
-
 def run(project, shared_data, llm_url, *extra):
     from flows.pipeline import pipeline
 
-    return pipeline(preset="micro", overrides=overrides(shared_data, llm_url, *extra), project_dir=str(project))
+    return pipeline(preset="micro", overrides=pipeline_overrides(shared_data, llm_url, *extra),
+                    project_dir=str(project))
 
 
 def cached(summary) -> dict[str, bool]:

@@ -1,5 +1,5 @@
-"""Distributed training (tasks/ray_train.py): gathered in-batch negatives give the single-device
-loss and gradients; a 2-worker Ray Train run trains the model the single-process trainer trains,
+"""Distributed training (tasks/training: engines.py, steps.py, ray_train.py): gathered in-batch
+negatives give the single-device loss and gradients; a 2-worker Ray Train run trains the model the single-process trainer trains,
 survives a worker failure by resuming from its checkpoint, and writes the trainer's layout.
 
 The gradient tests run 2 real gloo processes (forked from this one, so the micro model is not
@@ -24,12 +24,9 @@ from safetensors.torch import load_file
 
 from tasks.config import ConfigError, DataSource, load_config
 from tasks.data import Pair, load_sources
-from tasks.ray_train import (
-    DDPReplica, DeepSpeedReplica, DeepSpeedUnavailable, deepspeed_config, embedding_shard_step, gather_with_grad,
-    reranker_shard_step,
-)
 from tasks.stages import train_resources
-from tasks.train import embedding_batch, embedding_step, list_checkpoints, reranker_step, train
+from tasks.training import embedding_batch, embedding_step, list_checkpoints, reranker_step, steps, train
+from tasks.training.engines import DDPEngine, DeepSpeedEngine, DeepSpeedUnavailable, deepspeed_config, gather_with_grad
 
 WORLD = 2
 
@@ -155,14 +152,14 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _shard_step(rank, model, batch, cfg, out_dir):
-    replica = DDPReplica(model, cfg, out_dir, rank)
-    replica.zero_grad()
-    loss = embedding_shard_step(replica, batch, cfg, 1.0, rank, WORLD, sync=True)
+def _shard_step(rank, model, batch, cfg):
+    engine = DDPEngine(model, cfg)
+    engine.zero_grad()
+    loss = embedding_step(engine, batch, cfg, 1.0)
     return loss, _grads(model)
 
 
-def _embedding_case(micro_cfg, micro_embedder, uneven_pairs, tmp_path, **update):
+def _embedding_case(micro_cfg, micro_embedder, uneven_pairs, **update):
     cfg = micro_cfg.stage2.model_copy(update={"hard_negatives": 2} | update)
     batch = embedding_batch(uneven_pairs, cfg.hard_negatives, cfg.seed, 0)
     assert bool(batch.same_pos[1, 6])
@@ -170,49 +167,82 @@ def _embedding_case(micro_cfg, micro_embedder, uneven_pairs, tmp_path, **update)
     reference.zero_grad(set_to_none=True)
     ref_loss = embedding_step(reference, batch, cfg, 1.0)
     model = copy.deepcopy(micro_embedder).train()
-    ranks = run_on_two_ranks(_shard_step, model, batch, cfg, tmp_path)
+    ranks = run_on_two_ranks(_shard_step, model, batch, cfg)
     return ref_loss, _grads(reference), ranks
 
 
 @pytest.mark.parametrize("mini_batch_size, hard_negatives", [(None, 2), (3, 2), (3, 0)],
                          ids=["end-to-end", "gradcache", "gradcache-no-hard-negatives"])
 def test_two_workers_with_gathered_negatives_give_the_single_device_loss_and_gradients(
-        micro_cfg, micro_embedder, uneven_pairs, tmp_path, mini_batch_size, hard_negatives):
-    ref_loss, ref_grads, ranks = _embedding_case(micro_cfg, micro_embedder, uneven_pairs, tmp_path,
+        micro_cfg, micro_embedder, uneven_pairs, mini_batch_size, hard_negatives):
+    ref_loss, ref_grads, ranks = _embedding_case(micro_cfg, micro_embedder, uneven_pairs,
                                                  mini_batch_size=mini_batch_size, hard_negatives=hard_negatives)
     for loss, grads in ranks:
         assert loss == pytest.approx(ref_loss, abs=1e-5)
         assert_same_gradients(grads, ref_grads)
 
 
-def test_without_gathering_each_worker_sees_only_its_slice(micro_cfg, micro_embedder, uneven_pairs, tmp_path):
+def test_without_gathering_each_worker_sees_only_its_slice(micro_cfg, micro_embedder, uneven_pairs):
     cfg = micro_cfg.stage2.distributed.model_copy(update={"engine": "ray_train", "gather_negatives": False})
-    ref_loss, ref_grads, ranks = _embedding_case(micro_cfg, micro_embedder, uneven_pairs, tmp_path,
-                                                 distributed=cfg)
+    ref_loss, ref_grads, ranks = _embedding_case(micro_cfg, micro_embedder, uneven_pairs, distributed=cfg)
     # half the in-batch negatives per query: a smaller loss, and not the full batch's gradient
     assert ranks[0][0] == ranks[1][0] < ref_loss - 0.3
     with pytest.raises(AssertionError, match="relative error"):
         assert_same_gradients(ranks[0][1], ref_grads)
 
 
-def _reranker_shard(rank, model, pairs, cfg, out_dir):
-    replica = DDPReplica(model, cfg, out_dir, rank)
-    replica.zero_grad()
-    loss, tokens = reranker_shard_step(replica, pairs, cfg, cfg.seed, 0, 1.0, rank, WORLD, sync=True)
+def _recorded_shard_step(rank, model, batch, cfg):
+    """_shard_step, also returning the [rows, width] of every forward pass with gradient."""
+    engine = DDPEngine(model, cfg)
+    shapes, forward = [], engine.forward
+
+    def recording(input_ids, mask):
+        shapes.append(tuple(input_ids.shape))
+        return forward(input_ids, mask)
+
+    engine.forward = recording
+    engine.zero_grad()
+    return embedding_step(engine, batch, cfg, 1.0), _grads(model), shapes
+
+
+def test_workers_encode_in_length_buckets_with_positives_and_negatives_in_one_pass_group(
+        micro_cfg, micro_embedder, uneven_pairs, monkeypatch):
+    monkeypatch.setattr(steps, "LENGTH_BUCKET", 3)  # the forked workers inherit it
+    cfg = micro_cfg.stage2.model_copy(update={"hard_negatives": 2})
+    batch = embedding_batch(uneven_pairs, cfg.hard_negatives, cfg.seed, 0)
+    reference = copy.deepcopy(micro_embedder).train()
+    reference.zero_grad(set_to_none=True)
+    ref_loss = embedding_step(reference, batch, cfg, 1.0)
+    ranks = run_on_two_ranks(_recorded_shard_step, copy.deepcopy(micro_embedder).train(), batch, cfg)
+    for loss, grads, shapes in ranks:
+        assert loss == pytest.approx(ref_loss, abs=1e-5)
+        assert_same_gradients(grads, _grads(reference))
+        # 4 queries: passes of 3 + 1; 4 positives + 4 hard negatives (rank 1's padded) together: 3 + 3 + 2,
+        # shortest first, each padded only to its own longest text
+        assert [rows for rows, _ in shapes] == [3, 1, 3, 3, 2]
+        widths = [width for _, width in shapes[2:]]
+        assert widths == sorted(widths) and widths[0] < widths[-1]
+
+
+def _reranker_shard(rank, model, pairs, cfg):
+    engine = DDPEngine(model, cfg)
+    engine.zero_grad()
+    loss, tokens = reranker_step(engine, pairs, cfg, cfg.seed, 0, 1.0)
     return loss, tokens, _grads(model)
 
 
 def test_reranker_on_two_workers_gives_the_single_device_loss_and_gradients(micro_cfg, micro_reranker,
-                                                                             uneven_pairs, tmp_path):
-    # 7 queries x (1 positive + 2 negatives) = 21 examples: shares of 11, rank 1's padded with one
-    # weight-0 filler; chunks of 5 -> 5, 5, 1 (rank 1's last chunk is only the filler)
+                                                                             uneven_pairs):
+    # 7 queries x (1 positive + 2 negatives) = 21 examples, sorted by length and dealt out in turn:
+    # shares of 11, rank 1's padded with one weight-0 filler; chunks of 5 -> 5, 5, 1 (rank 1's last
+    # chunk is only the filler)
     pairs = uneven_pairs[:7]
     cfg = micro_cfg.reranker.model_copy(update={"hard_negatives": 2, "mini_batch_size": 5})
     reference = copy.deepcopy(micro_reranker).train()
     reference.zero_grad(set_to_none=True)
     ref_loss, ref_tokens = reranker_step(reference, pairs, cfg, cfg.seed, 0, 1.0)
     ref_grads = _grads(reference)
-    ranks = run_on_two_ranks(_reranker_shard, copy.deepcopy(micro_reranker).train(), pairs, cfg, tmp_path)
+    ranks = run_on_two_ranks(_reranker_shard, copy.deepcopy(micro_reranker).train(), pairs, cfg)
     for loss, tokens, grads in ranks:
         assert loss == pytest.approx(ref_loss, abs=1e-5)
         assert tokens == ref_tokens
@@ -258,7 +288,7 @@ def test_deepspeed_json_with_its_own_optimizer_is_refused(micro_cfg, tmp_path):
         deepspeed_config(str(tmp_path / "missing.json"), micro_cfg.stage2)
 
 
-def test_deepspeed_branch_fails_clearly_without_deepspeed(micro_cfg, micro_embedder, tmp_path):
+def test_deepspeed_branch_fails_clearly_without_deepspeed(micro_cfg, micro_embedder):
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is not None:
@@ -266,7 +296,7 @@ def test_deepspeed_branch_fails_clearly_without_deepspeed(micro_cfg, micro_embed
     cfg = micro_cfg.stage2.model_copy(update={"distributed": micro_cfg.stage2.distributed.model_copy(
         update={"engine": "ray_train", "deepspeed": "zero2"})})
     with pytest.raises(DeepSpeedUnavailable, match=r"deepspeed='zero2'.*pip install deepspeed.*deepspeed: null"):
-        DeepSpeedReplica(micro_embedder, cfg, tmp_path, 0, deepspeed_config("zero2", cfg, 1, torch.float32))
+        DeepSpeedEngine(micro_embedder, cfg, deepspeed_config("zero2", cfg, 1, torch.float32))
 
 
 # ----------------------------------------------------------------------------- Ray Train end to end
@@ -295,7 +325,7 @@ def test_ray_train_two_workers_match_one_process_and_resume_after_a_worker_failu
     exp = mlflow.MlflowClient().create_experiment("ray-train", artifact_location=(tmp_path / "art").as_uri())
     run_id = mlflow.MlflowClient().create_run(exp).info.run_id
 
-    from tasks.ray_train import train_distributed
+    from tasks.training import train_distributed
 
     dcfg = cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={
         "engine": "ray_train", "num_workers": 2, "resources_per_worker": {"CPU": 1}, "max_failures": 1})})

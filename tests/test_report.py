@@ -268,29 +268,3 @@ def test_pipeline_summary_logs_checks_to_mlflow_and_reports(tmp_path, monkeypatc
     assert f"git checkout {COMMIT} && q3e run --preset micro stage2.seed=3" in text
     assert "**FAIL**: stage1 ≥ backbone" in text and "Stage 1 trained on 4 pairs." in text
 
-
-def test_a_run_whose_driver_died_is_marked_killed_and_compare_shows_status(tmp_path):
-    """A driver killed with SIGKILL leaves its MLflow run RUNNING; the next start marks it KILLED
-    (with its stage runs), leaves a live driver's run alone, and `runs compare` has a status column."""
-    import subprocess
-    import sys
-
-    import mlflow
-
-    from tasks import tracking
-
-    exp = tracking.setup(tmp_path / "runs", "dead-drivers")
-    client = mlflow.MlflowClient()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    tags = tracking.driver_tags()
-    gone = client.create_run(exp, tags={**tags, "driver_pid": str(dead.pid), "driver_start": "1"})
-    child = client.create_run(exp, tags={"mlflow.parentRunId": gone.info.run_id})
-    alive = client.create_run(exp, tags=tags)  # this very process: alive
-    elsewhere = client.create_run(exp, tags={**tags, "driver_host": "another-host", "driver_pid": "1"})
-    assert tracking.mark_dead_runs(exp) == [gone.info.run_id]
-    status = {r: client.get_run(r).info.status for r in (gone.info.run_id, child.info.run_id,
-                                                           alive.info.run_id, elsewhere.info.run_id)}
-    assert list(status.values()) == ["KILLED", "KILLED", "RUNNING", "RUNNING"]
-    table = tracking.comparison_table("dead-drivers")
-    assert dict(zip(table["run_id"], table["status"]))[gone.info.run_id] == "KILLED"

@@ -16,13 +16,18 @@ import jsonschema
 import pytest
 
 from tasks.config import GeneratorConfig, SynthConfig, load_config
-from tasks.generate import Secret, build_generator
-from tasks.synthesize import (
-    DIFFICULTIES, QUESTION_TYPES, Plan, _content_settings, _use_prefill, check_config, classification_prompt,
-    classification_schema, configuration_prompt, configuration_schema, load_passages, make_plan, query_prompt,
-    query_schema, script_pattern, sts_schema, synthesize_shard, translation_schema, truncate_words,
+from tasks.synthesis.generators import Secret, build_generator
+from tasks.synthesis.plan import Plan, check_config, load_passages, make_plan
+from tasks.synthesis.prompts import (
+    DIFFICULTIES, QUESTION_TYPES, classification_prompt, configuration_prompt, query_prompt,
 )
-from tests.test_synthesize import KEY, FakeOpenAI, ScriptedGenerator
+from tasks.synthesis.run import content_settings, use_prefill
+from tasks.synthesis.schemas import (
+    classification_schema, configuration_schema, query_schema, script_pattern, sts_schema, translation_schema,
+)
+from tasks.synthesis.shard import synthesize_shard
+from tasks.synthesis.text import truncate_words
+from tests.fakes import KEY, FakeOpenAI, ScriptedGenerator
 
 EN = "passages/en-nq-msmarco.jsonl"
 ZH = "passages/zh-sohu-news.jsonl"
@@ -97,6 +102,7 @@ def smol():
     return build_generator(GeneratorConfig())
 
 
+@pytest.mark.slow  # the real SmolLM2 decoding under a grammar: ~50 s on 2 cores with the test below
 def test_smollm2_configuration_answers_are_valid_json_within_the_enums(smol, shared_data, personas):
     passages = load_passages([shared_data / EN, shared_data / ZH], limit=2)
     assert [p.language for p in passages] == ["English", "Chinese"]
@@ -110,6 +116,7 @@ def test_smollm2_configuration_answers_are_valid_json_within_the_enums(smol, sha
             jsonschema.validate(json.loads(out), schema)  # strict JSON: no lenient parsing needed
 
 
+@pytest.mark.slow
 def test_smollm2_chinese_query_is_chinese_and_bounded(smol, shared_data, personas):
     passage = load_passages([shared_data / ZH], limit=1)[0]
     prompt = query_prompt(personas[0], truncate_words(passage.text, 48), "keywords", "high_school", 5,
@@ -208,9 +215,9 @@ def test_structured_switch_chooses_schemas_or_the_old_prefill_path(shared_data):
     micro = load_config("micro").synth
     mix = {"retrieval": 1, "bitext": 1, "sts": 1, "classification": 1}
     on = micro.model_copy(update={"kinds": mix, "bitext_languages": ["English", "Chinese"]})
-    assert on.generator.structured and not _use_prefill(on)
+    assert on.generator.structured and not use_prefill(on)
     gen = Recorder()
-    synthesize_shard(gen, _plans(shared_data, on), on, 0, prefill=_use_prefill(on))
+    synthesize_shard(gen, _plans(shared_data, on), on, 0, prefill=use_prefill(on))
     for prompts, schemas in gen.seen:
         assert schemas is not None and len(schemas) == len(prompts)
         assert all(m[-1]["role"] == "user" for m in prompts)  # no prefill: the grammar writes it all
@@ -218,9 +225,9 @@ def test_structured_switch_chooses_schemas_or_the_old_prefill_path(shared_data):
         assert titles <= {"configuration", "query", "translation", "sts", "classification"}
 
     off = on.model_copy(update={"generator": on.generator.model_copy(update={"structured": False})})
-    assert _use_prefill(off)  # the transformers backend's old default
+    assert use_prefill(off)  # the transformers backend's old default
     gen = Recorder()
-    synthesize_shard(gen, _plans(shared_data, off), off, 0, prefill=_use_prefill(off))
+    synthesize_shard(gen, _plans(shared_data, off), off, 0, prefill=use_prefill(off))
     for prompts, schemas in gen.seen:
         assert schemas is None and all(m[-1]["role"] == "assistant" for m in prompts)
 
@@ -228,8 +235,8 @@ def test_structured_switch_chooses_schemas_or_the_old_prefill_path(shared_data):
     with pytest.raises(ValueError, match="json_prefill and synth.generator.structured"):
         check_config(both)
     # structured folders record the switch; unstructured ones look like folders made before it existed
-    assert _content_settings(on)["generator"]["structured"] is True
-    assert "structured" not in _content_settings(off)["generator"]
+    assert content_settings(on)["generator"]["structured"] is True
+    assert "structured" not in content_settings(off)["generator"]
 
 
 def test_passage_files_are_interleaved_and_queries_follow_the_passage_language(shared_data):

@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 
 from tasks.config import GeneratorConfig, SynthConfig
-from tasks.generate import GeneratorError, Secret, build_generator
-from tasks.synthesize import (
-    _content_settings, classification_prompt, configuration_prompt, load_passages, make_plan, synthesize,
-)
-from tests.test_synthesize import KEY, CrashingGenerator, FakeOpenAI, personas_file, synth_cfg  # noqa: F401
+from tasks.synthesis.generators import GeneratorError, Secret, build_generator
+from tasks.synthesis.plan import load_passages, make_plan
+from tasks.synthesis.prompts import classification_prompt, configuration_prompt
+from tasks.synthesis.run import content_settings, synthesize
+from tests.configs import synth_cfg
+from tests.fakes import KEY, CrashingGenerator, FakeOpenAI
 
 MIX = {"retrieval": 2, "bitext": 1, "sts": 1, "classification": 1}
 
@@ -61,6 +62,7 @@ def ray_data_run(ray_session, micro_synth, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # both engines end to end on the micro LM
 def test_ray_data_writes_the_actor_engines_shards(ray_data_run, micro_synth, tmp_path):
     one_actor = micro_synth.model_copy(update={"engine": "actors", "workers": 1})
     actors = synthesize(one_actor, tmp_path / "actors", progress=False)
@@ -78,6 +80,7 @@ def test_ray_data_writes_the_actor_engines_shards(ray_data_run, micro_synth, tmp
     assert {r["meta"]["task"] for r in accepted + rejected} == set(MIX)
 
 
+@pytest.mark.slow
 def test_ray_data_resume_after_a_kill_and_a_crash_generates_only_missing_shards(ray_data_run, micro_synth,
                                                                               tmp_path):
     out = tmp_path / "synth"
@@ -201,6 +204,6 @@ def test_chat_template_kwargs_reach_an_openai_server_and_the_manifest():
     assert srv.requests[0]["chat_template_kwargs"] == {"enable_thinking": False}
     # they change the answers, so they are part of a folder's settings; unset, they are left out, so
     # folders made before the option existed still resume
-    assert _content_settings(SynthConfig(generator=cfg))["generator"]["chat_template_kwargs"] == \
+    assert content_settings(SynthConfig(generator=cfg))["generator"]["chat_template_kwargs"] == \
         {"enable_thinking": False}
-    assert "chat_template_kwargs" not in _content_settings(SynthConfig())["generator"]
+    assert "chat_template_kwargs" not in content_settings(SynthConfig())["generator"]

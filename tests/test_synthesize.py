@@ -2,109 +2,36 @@
 the Ray-distributed, resumable `synthesize` on real passages.
 
 Where exact outputs are needed the LLM is a scripted backend (a class implementing the generator
-protocol, or a real HTTP server on loopback speaking the OpenAI API); Ray always runs for real.
+protocol, or a real HTTP server on loopback speaking the OpenAI API: tests/fakes.py); Ray always
+runs for real.
 """
 
 from __future__ import annotations
 
 import filecmp
 import functools
-import hashlib
-import http.server
 import json
 import logging
 import re
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tasks.config import GeneratorConfig, SynthConfig, load_config
-from tasks.generate import GeneratorError, OpenAIGenerator, Secret, build_generator, json_object_closed
-from tasks.synthesize import (
-    DIFFICULTIES, INSTRUCTIONS, PROMPT_VERSION, QUESTION_TYPES, Reject, check_text, classification_prompt,
-    configuration_prompt, load_passages, make_plan, match_character, normalise_choice, parse_json_answer,
-    query_prompt, synthesize,
+from tasks.config import GeneratorConfig, SynthConfig
+from tasks.synthesis.generators import (
+    GeneratorError, OpenAIGenerator, Secret, build_generator, json_object_closed,
 )
-
-PASSAGES = "passages/en-nq-msmarco.jsonl"
-KEY = "sk-test-Q3E-do-not-leak-7f3a9c"
-
-
-@pytest.fixture(scope="module")
-def personas_file(shared_data, tmp_path_factory) -> Path:
-    """The first 400 real PersonaHub personas (the full 5k file costs ~30 s of MiniLM once)."""
-    lines = (shared_data / "personas" / "personahub-5k.txt").read_text(encoding="utf-8").splitlines()[:400]
-    path = tmp_path_factory.mktemp("personas") / "personas-400.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def synth_cfg(shared_data: Path, personas: Path, **update) -> SynthConfig:
-    base = load_config("micro").synth.model_dump()
-    base.update(passages=[str(shared_data / PASSAGES)], personas=str(personas), num_passages=8, shard_size=2)
-    gen = base["generator"] | update.pop("generator", {})
-    return SynthConfig.model_validate(base | update | {"generator": gen})
-
-
-# ----------------------------------------------------------------------------- a scripted "LLM"
-
-def _section(text: str, name: str) -> str:
-    m = re.search(r"\*\*" + name + r"\*\*:?\n(.*?)(?:\n\*\*|\Z)", text, re.S)
-    return m.group(1).strip() if m else ""
-
-
-def scripted_answer(messages: list[dict], state: dict) -> str:
-    """Answers like a well-behaved instruct LLM, except for the passages named below, which get the
-    malformed answers a small model produces. `state` counts calls per (stage, passage)."""
-    system, user = messages[0]["content"], [m for m in messages if m["role"] == "user"][-1]["content"]
-    passage = _section(user, "Passage")
-    key = passage[:20]
-    state[key] = state.get(key, 0) + 1
-    if "select the appropriate option from three fields" in system:
-        candidates = [re.sub(r"^\d+\. ", "", c) for c in _section(user, "Character").splitlines()]
-        if passage.startswith("Major Crimes"):
-            return "I think the best character is the first one, asking a question."
-        if passage.startswith("Breaking Bad"):
-            return json.dumps({"Character": candidates[0], "Question_Type": "opinion", "Difficulty": "phd"})
-        if passage.startswith("Sin senos"):
-            return json.dumps({"Persona": candidates[0], "Type": "summary"})
-        if passage.startswith("How to Get Away"):  # fenced, single quotes, trailing comma, by number
-            return "Sure!\n```json\n{'Character': '2', 'Question_Type': 'Yes or No', 'Difficulty': 'University',}\n```"
-        qtype = list(QUESTION_TYPES)[int(hashlib.md5(passage.encode()).hexdigest(), 16) % 5]
-        return json.dumps({"Character": candidates[0], "Question_Type": qtype, "Difficulty": "high_school"}) + \
-            "\nThis character fits best."
-    if "generate a query from the **Character**'s perspective" in system:
-        if passage.startswith("Falling Skies"):  # a sentence copied from the passage
-            return json.dumps({"Query": " ".join(passage.split()[:9])})
-        if passage.startswith("Arrested Development") and state[key] == 2:  # first query attempt: too long
-            return json.dumps({"Query": "tell me " + "everything " * 90})
-        return json.dumps({"Query": "what is known about " + " ".join(passage.split()[:3])})
-    if "translate it into the **Target** language" in system:
-        text, target = _section(user, "Text"), _section(user, "Target")
-        if target in ("Chinese", "Japanese"):
-            return json.dumps({"Translation": "译" * (2 * len(text.split()))}, ensure_ascii=False)
-        return json.dumps({"Translation": "en " + target + ": " + " ".join(reversed(text.split()))})
-    if "semantic similarity to the **Sentence**" in system:
-        return json.dumps({"Sentence": "In other words, " + " ".join(reversed(_section(user, "Sentence").split()))})
-    if "choose the Label" in system:
-        return '{"Label": "Arts and Entertainment", "Description": "television"}'
-    return "?"
-
-
-class ScriptedGenerator:
-    """A generator backend (the protocol of tasks.generate) that answers from `scripted_answer`."""
-
-    name = "scripted"
-
-    def __init__(self):
-        self.state: dict = {}
-        self.calls: list[int] = []
-
-    def generate(self, prompts, *, seed, temperature, max_new_tokens, schemas=None):
-        self.calls.append(len(prompts))
-        return [scripted_answer(m, self.state) for m in prompts]
+from tasks.synthesis.parse import Reject, match_character, normalise_choice, parse_json_answer
+from tasks.synthesis.plan import load_passages, make_plan
+from tasks.synthesis.prompts import (
+    DIFFICULTIES, INSTRUCTIONS, PROMPT_VERSION, QUESTION_TYPES, classification_prompt, configuration_prompt,
+    query_prompt,
+)
+from tasks.synthesis.run import synthesize
+from tasks.synthesis.text import check_text
+from tests.configs import PASSAGES, synth_cfg
+from tests.fakes import KEY, CrashingGenerator, FakeOpenAI, ScriptedGenerator
 
 
 # ----------------------------------------------------------------------------- prompts (paper A.1)
@@ -253,7 +180,7 @@ def test_plans_are_deterministic_and_follow_the_mix(shared_data):
 
 def test_dev_positives_are_never_synthesis_passages(shared_data):
     """synth.exclude_relevant: the relevant documents of a dev set are skipped, the count is kept."""
-    from tasks.synthesize import relevant_texts
+    from tasks.synthesis.plan import relevant_texts
 
     path = shared_data / "passages" / "en-nq-msmarco.jsonl"
     positives = relevant_texts([shared_data / "beir" / "nq-msmarco-hardneg"])
@@ -282,7 +209,8 @@ def test_transformers_backend_batches_and_continues_a_prefill():
 # ----------------------------------------------------------------------------- synthesize on Ray
 
 def test_synthesize_with_a_scripted_llm(ray_session, shared_data, personas_file, tmp_path):
-    from tasks.synthesize import _persona_encoder, load_personas, retrieve_personas
+    from tasks.synthesis.encoders import persona_encoder
+    from tasks.synthesis.plan import load_personas, retrieve_personas
 
     cfg = synth_cfg(shared_data, personas_file, workers=2, generator={"max_retries": 1, "json_prefill": False})
     out = tmp_path / "synth"
@@ -301,7 +229,7 @@ def test_synthesize_with_a_scripted_llm(ray_session, shared_data, personas_file,
 
     assert [r["meta"]["passage_id"] for r in accepted] == ["p0", "p5", "p6", "p7"]
     tops = retrieve_personas([by_id[i].text for i in ("p5",)], load_personas(personas_file),
-                             _persona_encoder(cfg.persona_retriever), top_k=5)
+                             persona_encoder(cfg.persona_retriever), top_k=5)
     for rec in accepted:
         m = rec["meta"]
         assert set(rec) == {"query", "response", "rejected_response", "instruction", "meta"}
@@ -340,24 +268,11 @@ def test_synthesize_with_a_scripted_llm(ray_session, shared_data, personas_file,
     assert other.stats["run"]["shards_generated"] == 4 and other.stats["run"]["reused_from"] is None
 
 
-class CrashingGenerator:
-    """The configured backend, except that it fails on the shard holding `marker` (a killed worker)."""
-
-    def __init__(self, cfg: GeneratorConfig, marker: str):
-        self.inner = build_generator(cfg)
-        self.name = self.inner.name
-        self.marker = marker
-
-    def generate(self, prompts, **kw):
-        if any(self.marker in m["content"] for p in prompts for m in p):
-            raise GeneratorError("simulated crash")
-        return self.inner.generate(prompts, **kw)
-
-
 def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.jsonl"))
 
 
+@pytest.mark.slow
 def test_micro_generator_end_to_end_and_resume_equals_uninterrupted(ray_session, shared_data, personas_file,
                                                                      tmp_path):
     cfg = synth_cfg(shared_data, personas_file, workers=2, generator={"max_new_tokens": 16},
@@ -389,87 +304,6 @@ def test_micro_generator_end_to_end_and_resume_equals_uninterrupted(ray_session,
 
 
 # ----------------------------------------------------------------------------- the OpenAI-compatible backend
-
-class FakeOpenAI(http.server.ThreadingHTTPServer):
-    """A real HTTP server on loopback speaking `POST /v1/chat/completions`. `script` is a queue of
-    faults to serve first; then it answers with `scripted_answer`."""
-
-    daemon_threads = True
-
-    def __init__(self, key: str | None = KEY):
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.key = key
-        self.script: list[tuple] = []
-        self.requests: list[dict] = []
-        self.times: list[float] = []
-        self.state: dict = {}
-        self.lock = threading.Lock()
-        self.active = self.max_active = 0
-        self.delay = 0.0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-    def __enter__(self):
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()
-        self.server_close()
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *args):  # keep the test output clean
-        pass
-
-    def _done(self) -> None:
-        """This request stops counting as active: before its answer is sent, since the client may
-        start its next request the moment it reads the answer (a loaded machine showed 4 of 3)."""
-        if getattr(self, "_active", False):
-            self._active = False
-            with self.server.lock:
-                self.server.active -= 1
-
-    def _send(self, code: int, body: str | bytes, headers: dict | None = None) -> None:
-        data = body.encode() if isinstance(body, str) else body
-        self._done()
-        self.send_response(code)
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self):
-        srv: FakeOpenAI = self.server
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with srv.lock:
-            srv.requests.append(body)
-            srv.times.append(time.monotonic())
-            action = srv.script.pop(0) if srv.script else ("llm",)
-            srv.active += 1
-            srv.max_active = max(srv.max_active, srv.active)
-        self._active = True
-        try:
-            time.sleep(srv.delay)
-            auth = self.headers.get("Authorization", "")
-            if self.path != "/v1/chat/completions":
-                return self._send(404, '{"error": "not found"}')
-            if action[0] == "status":
-                return self._send(action[1], '{"error": "busy"}', action[2] if len(action) > 2 else None)
-            if action[0] == "garbage":
-                return self._send(200, "<html>this is not json")
-            if action[0] == "echo_auth" or (srv.key and auth != f"Bearer {srv.key}"):
-                return self._send(401, json.dumps({"error": f"bad credentials: {auth}"}))
-            with srv.lock:
-                content = scripted_answer(body["messages"], srv.state)
-            self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}))
-        finally:
-            self._done()
-
 
 def _openai(server: FakeOpenAI, **kw) -> OpenAIGenerator:
     kw = {"api_key": Secret(KEY), "backoff_s": 0.01, "max_backoff_s": 0.05, "http_retries": 3} | kw

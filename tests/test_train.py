@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tasks.config import DataSource, LoraConfig
 from tasks.data import load_sources
 from tasks.models import Embedder, Reranker
-from tasks.train import (
+from tasks.training import (
     TrainingInterrupted, batch_indices, embedding_batch, embedding_step, list_checkpoints, lr_lambda, train,
 )
 
@@ -92,7 +92,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(micro_cfg, snli_pai
         bad.write_bytes(b"not a torch file")
     else:
         bad.unlink()
-    caplog.set_level(logging.WARNING, logger="tasks.train")
+    caplog.set_level(logging.WARNING, logger="tasks.training.checkpoint")
     resumed = train(cfg, micro_cfg.model, tmp_path / "cut", pairs=snli_pairs, progress=False)
     assert resumed.resumed_from == 2
     assert any(str(bad) in r.getMessage() and "step-000004" in r.getMessage() for r in caplog.records)
@@ -200,7 +200,7 @@ def test_plain_warmup_steps_use_qd_infonce_then_the_full_loss(micro_cfg, snli_pa
 
 
 def test_length_buckets_give_the_one_pass_embeddings_and_gradients_in_input_order(micro_cfg, snli_pairs):
-    from tasks.train import embed_by_length
+    from tasks.training import embed_by_length
 
     model = Embedder.load(micro_cfg.model, device="cpu")
     texts = [p.query if i % 3 else p.query * 4 for i, p in enumerate(snli_pairs[:21])]  # mixed lengths
@@ -218,7 +218,7 @@ def test_length_buckets_give_the_one_pass_embeddings_and_gradients_in_input_orde
 
 def test_reranker_length_buckets_give_the_one_pass_loss_and_gradients(micro_cfg, snli_pairs):
     """A reranker step in forward passes of similar-length examples equals one padded pass."""
-    from tasks.train import reranker_step
+    from tasks.training import reranker_step
 
     model = Reranker.load(micro_cfg.model, device="cpu")
     pairs = [dataclasses.replace(p, positive=p.positive * (1 + 3 * (i % 2))) for i, p in enumerate(snli_pairs[:6])]

@@ -17,7 +17,7 @@ from flows.cli import app
 from tasks.config import ConfigError, DataSource, FilterConfig, ModelConfig, load_config
 from tasks.data import DataError, load_source, load_sources
 from tasks.models import Embedder, ModelLoadError, resolve_backbone
-from tasks.train import list_checkpoints, train
+from tasks.training import list_checkpoints, train
 
 GOOD = {"query": "what is the capital of France", "response": "Paris is the capital of France."}
 
@@ -225,7 +225,7 @@ def test_a_corrupt_gguf_is_refused_and_leaves_no_half_converted_model(tmp_path, 
 # ----------------------------------------------------------------------------- synthesis and filtering inputs
 
 def test_a_bad_passage_stops_synthesis_before_its_output_folder_exists(micro_cfg, shared_data, tmp_path):
-    from tasks.synthesize import synthesize
+    from tasks.synthesis.run import synthesize
 
     passages = _jsonl(tmp_path / "passages.jsonl", ['{"_id": "p1", "text": "Paris is the capital of France."}',
                                                     '{"_id": "p2", "title": "Berlin"}'])

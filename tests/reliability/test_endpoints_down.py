@@ -161,7 +161,7 @@ class LLMEndpoint:
                 if action == "503":
                     payload, code = b'{"error": "loading model"}', 503
                 else:
-                    from tests.test_synthesize import scripted_answer
+                    from tests.fakes import scripted_answer
 
                     with endpoint.lock:
                         content = scripted_answer(body["messages"], endpoint.state)
@@ -203,7 +203,7 @@ class LLMEndpoint:
 
 
 def _synth_cfg(shared_data: Path, url: str, **generator):
-    from tests.test_synthesize import synth_cfg
+    from tests.configs import synth_cfg
 
     return synth_cfg(shared_data, shared_data / "personas" / "personahub-5k.txt", workers=1, shard_size=2,
                      num_passages=6, kinds={"bitext": 1, "sts": 1, "classification": 1},
@@ -222,8 +222,9 @@ def _pairs(folder: Path) -> list[tuple[str, str, str]]:
 
 
 def test_llm_endpoint_down_for_a_while_then_back_synthesis_completes(ray_session, shared_data, tmp_path):
-    from tests.test_synthesize import ScriptedGenerator
-    from tasks.synthesize import load_passages, synthesize
+    from tests.fakes import ScriptedGenerator
+    from tasks.synthesis.plan import load_passages
+    from tasks.synthesis.run import synthesize
 
     endpoint = LLMEndpoint(down_s=1.0).start()
     endpoint.script = ["crash", "503", "503"]  # the server dies, its port closes, it restarts still loading
@@ -243,8 +244,9 @@ def test_llm_endpoint_down_for_a_while_then_back_synthesis_completes(ray_session
 
 def test_llm_endpoint_down_for_good_stops_with_a_clear_error_and_a_rerun_resumes(ray_session, shared_data,
                                                                                  tmp_path):
-    from tasks.generate import GeneratorError
-    from tasks.synthesize import load_passages, synthesize
+    from tasks.synthesis.generators import GeneratorError
+    from tasks.synthesis.plan import load_passages
+    from tasks.synthesis.run import synthesize
 
     passages = load_passages([shared_data / "passages" / "en-nq-msmarco.jsonl"], limit=6)
     endpoint = LLMEndpoint().start()

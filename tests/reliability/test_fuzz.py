@@ -123,12 +123,12 @@ def test_beir_reader_parses_or_names_file_and_line(corpus, queries, qrels, garba
 @given(data=st.binary(max_size=200) | st.lists(st.text(max_size=30), max_size=5).map(lambda xs: "\n".join(xs).encode()),
        suffix=st.sampled_from([".tsv", ".jsonl"]))
 def test_sts_and_pair_classification_reader_parses_or_names_the_file(data, suffix):
-    from tasks.evaluate import _SCORE, _read_pairs_file
+    from tasks.evaluation.local_tasks import SCORE_FIELDS, read_pairs_file
 
     with tempfile.TemporaryDirectory() as d:
         path = _file(d, "pairs" + suffix, data)
         try:
-            rows = _read_pairs_file(path, _SCORE, "score")
+            rows = read_pairs_file(path, SCORE_FIELDS, "score")
         except DataError as e:
             _assert_names_the_place(e, path)
             return

@@ -73,13 +73,13 @@ def test_training_killed_mid_run_resumes_to_bit_identical_weights(shared_data, t
 def test_flow_killed_mid_stage_resumes_at_that_stage(shared_data, tmp_path, llm_url):
     from dvc.repo import Repo
 
-    from tests.test_pipeline import overrides
+    from tests.configs import pipeline_overrides
 
     project = tmp_path / "project"
     project.mkdir()
     Repo.init(str(project), no_scm=True)
     cmd = [*Q3E, "run", "--preset", "micro", "--project", str(project),
-           *overrides(shared_data, llm_url, "stage2.steps=40", "stage2.checkpoint_every=4")]
+           *pipeline_overrides(shared_data, llm_url, "stage2.steps=40", "stage2.checkpoint_every=4")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     ckpts = lambda: list(project.glob("runs/artifacts/stage2/*/checkpoints/step-000008/state.json"))

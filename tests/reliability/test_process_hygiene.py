@@ -70,6 +70,7 @@ def _error_lines(stderr: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- the reaper itself
 
+@pytest.mark.slow
 @pytest.mark.skipif(not LINUX, reason="the reaper reads /proc")
 def test_the_children_of_a_sigkilled_process_are_stopped(tmp_path):
     """A driver starts a child that starts a grandchild (the shape of Ray's raylet and its agents,
@@ -132,13 +133,13 @@ def test_a_sigkilled_run_leaves_no_prefect_server_or_ray_process(shared_data, tm
     worker up): nothing of its session is left, and no checkpoint is written afterwards."""
     from dvc.repo import Repo
 
-    from tests.test_pipeline import overrides
+    from tests.configs import pipeline_overrides
 
     project = tmp_path / "project"
     project.mkdir()
     Repo.init(str(project), no_scm=True)
     cmd = [*Q3E, "run", "--preset", "micro", "--project", str(project),
-           *overrides(shared_data, llm_url, "stage2.steps=400", "stage2.checkpoint_every=2")]
+           *pipeline_overrides(shared_data, llm_url, "stage2.steps=400", "stage2.checkpoint_every=2")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     ckpts = lambda: sorted(project.glob("runs/artifacts/stage2/*/checkpoints/step-*"))
@@ -157,6 +158,7 @@ def test_a_sigkilled_run_leaves_no_prefect_server_or_ray_process(shared_data, tm
     assert ckpts() == written  # nothing trains on after the driver is gone
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not LINUX, reason="reads /proc/net")
 def test_the_embedded_ray_listens_on_the_loopback_address_only(tmp_path):
     """The socket table of a local Ray instance started the way the pipeline starts it, with a
@@ -220,6 +222,7 @@ def micro_model(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_damaged_and_pickle_only_model_folders_are_one_line(micro_model, tmp_path):
     import shutil
 
@@ -252,6 +255,7 @@ def _file_size_limit(limit: int):
     return apply
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_while_a_checkpoint_is_written_is_one_line_and_leaves_no_tmp(shared_data, tmp_path):
     """The free-space check passes, then the write itself fails (the file size limit stands in for
     a disk another process filled meanwhile): one line naming the checkpoint, no partial folder."""

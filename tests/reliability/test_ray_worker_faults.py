@@ -107,7 +107,7 @@ class KillingGenerator:
     name = "scripted"
 
     def __init__(self, kill: KillPoint, marker: str):
-        from tests.test_synthesize import ScriptedGenerator
+        from tests.fakes import ScriptedGenerator
 
         self.inner = ScriptedGenerator()
         self.kill = kill
@@ -120,8 +120,10 @@ class KillingGenerator:
 
 
 def test_synthesis_worker_killed_mid_shard_is_retried(ray_session, shared_data, tmp_path):
-    from tests.test_synthesize import ScriptedGenerator, synth_cfg
-    from tasks.synthesize import load_passages, synthesize
+    from tests.configs import synth_cfg
+    from tests.fakes import ScriptedGenerator
+    from tasks.synthesis.plan import load_passages
+    from tasks.synthesis.run import synthesize
 
     cfg = synth_cfg(shared_data, shared_data / "personas" / "personahub-5k.txt", workers=1, shard_size=2,
                     num_passages=8, kinds={"bitext": 1, "sts": 1, "classification": 1})
@@ -153,7 +155,7 @@ class KillingEncoder:
     """The filter's scoring model, with a kill point when it sees the text `marker`."""
 
     def __init__(self, kill: KillPoint, spec, marker: str):
-        from tasks.synthesize import load_encoder
+        from tasks.models.specs import load_encoder
 
         self.inner = load_encoder(spec, device="cpu")
         self.kill = kill
@@ -225,14 +227,14 @@ class KillingEmbedder(Embedder):
 
 
 def test_evaluation_worker_killed_mid_encoding_is_retried(ray_session, micro_cfg, shared_data, tmp_path):
+    from tasks.config import EvalConfig
     from tasks.distributed import run_remote
-    from tasks.evaluate import evaluate_model
+    from tasks.evaluation.run import evaluate_model
 
     base = Embedder.load(micro_cfg.model, device="cpu")
-    task = [str(shared_data / "beir" / "nq-msmarco-hardneg")]
-    sizes = {"max_queries": 20, "max_corpus": 300, "batch_size": 32}
-    reference = evaluate_model(base, task_dirs=task, out=tmp_path / "reference.json", embedding_cache=False,
-                               show=False, **sizes)
+    cfg = EvalConfig(task_dirs=[str(shared_data / "beir" / "nq-msmarco-hardneg")], max_queries=20,
+                     max_corpus=300, batch_size=32)
+    reference = evaluate_model(base, cfg, out=tmp_path / "reference.json", embedding_cache=False, show=False)
 
     kill = _kill_point(tmp_path)
     model = KillingEmbedder(base.backbone, base.tokenizer, cfg=base.cfg, source=base.source)
@@ -243,8 +245,8 @@ def test_evaluation_worker_killed_mid_encoding_is_retried(ray_session, micro_cfg
         return {str(p.relative_to(cache)): p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
 
     with Killer(kill, snapshot=cached_files) as killer:
-        results, _ = run_remote(evaluate_model, model, task_dirs=task, out=tmp_path / "killed.json",
-                                embedding_cache=str(cache), show=False, num_cpus=1, **sizes)
+        results, _ = run_remote(evaluate_model, model, cfg, out=tmp_path / "killed.json",
+                                embedding_cache=str(cache), show=False, num_cpus=1)
     _assert_killed_once_and_retried(killer, kill)
 
     name = next(iter(reference))

@@ -13,12 +13,13 @@ import sys
 import tracemalloc
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from tasks.config import DataSource, load_config
 from tasks.data import PairFile, load_sources, read_pairs
-from tasks.train import list_checkpoints, train
+from tasks.training import list_checkpoints, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -157,6 +158,7 @@ def _on_a_24mib_tmpfs(folder: Path, data: Path) -> dict | None:
     return json.loads(proc.stdout.split("RESULT ", 1)[1])
 
 
+@pytest.mark.slow
 def test_writes_that_do_not_fit_fail_before_writing(shared_data, tmp_path, monkeypatch):
     folder = tmp_path / "small-disk"
     folder.mkdir()

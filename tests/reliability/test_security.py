@@ -64,6 +64,7 @@ def _model_with_code(micro_cfg, folder: Path, marker: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_code_shipped_with_a_model_runs_only_with_trust_remote_code(micro_cfg, tmp_path):
     assert not any(load_config(p).model.trust_remote_code for p in available("presets"))
     marker = tmp_path / "remote-code-ran"
@@ -104,7 +105,7 @@ def test_a_tampered_trainer_state_is_refused_when_resuming(micro_cfg, shared_dat
     import logging
 
     from tasks.config import DataSource
-    from tasks.train import TrainingInterrupted, list_checkpoints, train
+    from tasks.training import TrainingInterrupted, list_checkpoints, train
 
     data = DataSource(path=str(shared_data / "triplets-en" / "snli_dev_triplets.jsonl"), limit=16)
     cfg = micro_cfg.stage2.model_copy(update={"data": [data], "steps": 4, "batch_size": 4, "checkpoint_every": 2,
@@ -117,7 +118,7 @@ def test_a_tampered_trainer_state_is_refused_when_resuming(micro_cfg, shared_dat
     torch.load(ckpt / "trainer_state.pt", weights_only=False)["optimizer"].close()  # the payload is live...
     assert marker.exists()
     marker.unlink()
-    caplog.set_level(logging.WARNING, logger="tasks.train")
+    caplog.set_level(logging.WARNING, logger="tasks.training.checkpoint")
     res = train(cfg, micro_cfg.model, tmp_path / "run", progress=False)  # ...and resuming does not run it
     assert not marker.exists()
     assert res.resumed_from == 0 and (tmp_path / "run" / "final").is_dir()
@@ -126,7 +127,7 @@ def test_a_tampered_trainer_state_is_refused_when_resuming(micro_cfg, shared_dat
 
 
 def test_an_embedding_cache_file_holding_a_pickle_is_recomputed_not_run(tmp_path, caplog):
-    from tasks.evaluate import EmbeddingCache
+    from tasks.evaluation.cache import EmbeddingCache
 
     marker = tmp_path / "pickle-ran"
     cache = EmbeddingCache(tmp_path / "cache")
@@ -137,7 +138,7 @@ def test_an_embedding_cache_file_holding_a_pickle_is_recomputed_not_run(tmp_path
     np.load(path, allow_pickle=True)[0].close()  # the payload is live
     assert marker.exists()
     marker.unlink()
-    with caplog.at_level(logging.WARNING, logger="tasks.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="tasks.evaluation.cache"):
         emb = cache.get_or_compute("model", texts, lambda: np.eye(2), dim=None, instruction=None, max_length=None)
     assert np.array_equal(emb, np.eye(2)) and cache.misses == 1 and "unreadable; recomputing" in caplog.text
     assert not marker.exists()
@@ -154,9 +155,9 @@ def test_the_api_key_reaches_the_endpoint_and_nothing_else(ray_session, micro_cf
     import ray
 
     from tasks import tracking
-    from tasks.generate import GeneratorError
+    from tasks.synthesis.generators import GeneratorError
     from tasks.stages import stage_dir, synth_stage
-    from tests.test_synthesize import FakeOpenAI
+    from tests.fakes import FakeOpenAI
 
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("Q3E_RELIABILITY_KEY", KEY)

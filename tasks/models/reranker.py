@@ -1,0 +1,104 @@
+"""The reranker (SPEC 1): pointwise yes/no scores from a causal LM's next-token logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.config import LoraConfig, ModelConfig
+from tasks.data import honour_umask
+from tasks.diskspace import ensure_free_space
+from tasks.losses import reranker_score
+from tasks.models.backbone import load_wrapped, merged_backbone, single_token_id
+from tasks.models.batching import TruncationLog, batch_by_length, pad_left, position_ids_from_mask
+from tasks.models.prompts import RERANK_PREFIX, RERANK_SUFFIX, format_rerank_body
+from tasks.models.saved_model import MODEL_CARD, export_cross_encoder, weights_bytes
+
+
+class Reranker(nn.Module):
+    """Pointwise yes/no reranker (SPEC 1): score = softmax(l_yes, l_no)[yes] at the last position."""
+
+    def __init__(self, backbone: nn.Module, tokenizer, *, cfg: ModelConfig, source: str = ""):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.source = source
+        self.yes_id = single_token_id(tokenizer, "yes", source)
+        self.no_id = single_token_id(tokenizer, "no", source)
+        end_id = tokenizer.convert_tokens_to_ids(cfg.end_token)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
+        self.prefix_ids = tokenizer.encode(RERANK_PREFIX, add_special_tokens=False)
+        self.suffix_ids = tokenizer.encode(RERANK_SUFFIX, add_special_tokens=False)
+        self.truncation = TruncationLog("model.max_rerank_length")
+
+    @classmethod
+    def load(cls, cfg: ModelConfig | str, *, device=None, lora: LoraConfig | None = None) -> "Reranker":
+        """Load from a `ModelConfig` or a saved reranker folder (the causal LM keeps its LM head)."""
+        return load_wrapped(cls, "AutoModelForCausalLM", cfg, device, lora)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def token_ids(self, queries: Sequence[str], documents: Sequence[str], instruction: str | None = None,
+                  max_length: int | None = None) -> list[list[int]]:
+        """prefix + body + suffix, truncating only the body (SPEC 1)."""
+        max_length = max_length or self.cfg.max_rerank_length
+        budget = max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        if budget < 8:
+            raise ValueError(f"max_rerank_length {max_length} leaves no room for the query/document "
+                             f"(the template alone is {len(self.prefix_ids) + len(self.suffix_ids)} tokens)")
+        bodies = [format_rerank_body(q, d, instruction) for q, d in zip(queries, documents)]
+        enc = self.tokenizer(bodies, add_special_tokens=False, truncation=True, max_length=budget + 1,
+                             return_attention_mask=False)["input_ids"]
+        self.truncation.add(sum(len(ids) > budget for ids in enc), len(enc), max_length)
+        return [self.prefix_ids + list(ids[:budget]) + self.suffix_ids for ids in enc]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, V] next-token logits at the last position (left padding: position -1)."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids_from_mask(attention_mask), logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def score(self, queries: Sequence[str], documents: Sequence[str], *, instruction: str | None = None,
+              batch_size: int = 16, show_progress: bool = False) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        if len(queries) != len(documents):
+            raise ValueError(f"{len(queries)} queries but {len(documents)} documents")
+        was_training = self.training
+        self.eval()
+        ids = self.token_ids(queries, documents, instruction)
+        out = np.zeros(len(ids), dtype=np.float32)
+        for batch in tqdm(batch_by_length([len(x) for x in ids], batch_size), disable=not show_progress,
+                          desc="rerank", unit="batch"):
+            input_ids, mask = pad_left([ids[i] for i in batch], self.pad_id, self.device)
+            out[batch] = reranker_score(self(input_ids, mask), self.yes_id, self.no_id).cpu().numpy()
+        self.train(was_training)
+        return out
+
+    def save(self, path: str | Path, *, cross_encoder: bool = True, extra: dict | None = None) -> Path:
+        """Safetensors causal-LM folder + q3e.json; plus `cross-encoder/`, a 1-logit sequence
+        classifier (weight = W_yes - W_no, so sigmoid(logit) = the yes/no softmax) that
+        `sentence_transformers.CrossEncoder` loads and that gives the same scores."""
+        path = Path(path)
+        ensure_free_space(path, weights_bytes(self.backbone) * (2 if cross_encoder else 1), "saving the reranker")
+        path.mkdir(parents=True, exist_ok=True)
+        merged = merged_backbone(self.backbone)
+        merged.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        card = {"kind": "reranker", "model": self.cfg.model_dump(mode="json") | {"backbone": str(path),
+                                                                               "gguf_file": None},
+                "prefix": RERANK_PREFIX, "suffix": RERANK_SUFFIX}
+        (path / MODEL_CARD).write_text(json.dumps(card | (extra or {}), indent=2))
+        if cross_encoder:
+            export_cross_encoder(merged, self.tokenizer, path / "cross-encoder", self.yes_id, self.no_id, self.cfg)
+        honour_umask(path)
+        return path

@@ -1,0 +1,161 @@
+"""What to synthesise from each passage: passages and personas read from files, persona retrieval
+(the top personas of a passage by cosine), the per-passage `Plan`, and the check of the synth config."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from tasks.config import SynthConfig
+from tasks.data import DataError, doc_text, iter_jsonl, resolve_path
+from tasks.synthesis.prompts import KINDS
+from tasks.synthesis.text import LANGUAGE_NAMES, guess_language
+
+
+@dataclass(frozen=True)
+class Passage:
+    id: str
+    text: str
+    language: str
+    source: str  # file name
+
+
+def relevant_texts(folders: Sequence[str | Path], *, root: str | Path | None = None) -> set[str]:
+    """The texts (with and without title) of every document judged relevant in these BEIR folders."""
+    from tasks.data import load_beir
+
+    out: set[str] = set()
+    for folder in folders:
+        beir = load_beir(resolve_path(folder, root))
+        for judged in beir.qrels.values():
+            for cid, score in judged.items():
+                if score > 0:
+                    title, text = beir.corpus[cid]
+                    out |= {text.strip(), doc_text(title, text.strip())}
+    return out
+
+
+def load_passages(paths: Sequence[str | Path], *, root: str | Path | None = None,
+                  limit: int | None = None, exclude: set[str] | frozenset[str] = frozenset()) -> list[Passage]:
+    """Passages from JSONL files: BEIR corpus (`_id`, `text`, optional `title`) or any records with
+    `text`/`passage` (and optional `id`/`_id`, `lang`/`language`). Several files are interleaved (one
+    passage of each in turn, in file order within each), so the first `limit` mix them all. Passages
+    whose text is in `exclude` (e.g. `relevant_texts` of the dev sets) are skipped."""
+    streams = [_read_passages(resolve_path(p, root)) for p in paths]
+    out: list[Passage] = []
+    while streams:
+        for stream in list(streams):
+            passage = next(stream, None)
+            while passage is not None and passage.text in exclude:
+                passage = next(stream, None)
+            if passage is None:
+                streams.remove(stream)
+                continue
+            out.append(passage)
+            if limit and len(out) >= limit:
+                return out
+    if not out:
+        raise DataError(f"no passages in {', '.join(map(str, paths))}")
+    return out
+
+
+def _read_passages(path: Path) -> Iterator[Passage]:
+    for lineno, obj in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        text = obj.get("text") if obj.get("text") is not None else obj.get("passage")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: missing or empty field 'text' (or 'passage')")
+        title = obj.get("title") or ""
+        text = doc_text(title, text.strip()) if isinstance(title, str) else text.strip()
+        pid = obj.get("_id", obj.get("id", f"{path.stem}:{lineno}"))
+        lang = obj.get("language") or obj.get("lang")
+        lang = LANGUAGE_NAMES.get(str(lang).lower(), str(lang)) if lang else guess_language(text)
+        yield Passage(str(pid), text, lang, path.name)
+
+
+def load_personas(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: persona file not found (one persona per line; the pipeline copies "
+                        f"personahub-5k.txt into data/personas/)")
+    seen, out = set(), []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and line not in seen:
+            seen.add(line)
+            out.append(line)
+    if not out:
+        raise DataError(f"{path}: no personas")
+    return out
+
+
+def retrieve_personas(texts: Sequence[str], personas: Sequence[str], encoder, *, top_k: int,
+                      cache: Path | None = None) -> list[list[str]]:
+    """The top-k personas of each text by cosine (ties: earlier persona first). The persona
+    matrix is cached in `cache` (.npy), since it is the same for every run."""
+    if cache is not None and cache.is_file():
+        pmat = np.load(cache)
+    else:
+        pmat = encoder.encode(list(personas), batch_size=64)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npy")
+            np.save(tmp, pmat)
+            os.replace(tmp, cache)
+    if pmat.shape[0] != len(personas):
+        raise ValueError(f"{cache}: cached persona embeddings do not match the persona file")
+    qmat = encoder.encode(list(texts), batch_size=32)
+    sims = qmat @ pmat.T
+    k = min(top_k, len(personas))
+    return [[personas[j] for j in np.argsort(-row, kind="stable")[:k]] for row in sims]
+
+
+@dataclass
+class Plan:
+    """What to synthesise from one passage: drawn deterministically from (seed, passage)."""
+
+    passage: Passage
+    kind: str
+    language: str                 # language of the generated text
+    length: int                   # query length in words (retrieval)
+    target_language: str | None   # bitext
+    similarity: float | None      # sts
+    personas: list[str] = field(default_factory=list)  # retrieval: candidate characters
+
+
+def make_plan(passage: Passage, cfg: SynthConfig) -> Plan:
+    rng = random.Random(f"{cfg.seed}|{passage.source}|{passage.id}")
+    kinds = sorted(k for k, w in cfg.kinds.items() if w > 0)
+    kind = rng.choices(kinds, weights=[cfg.kinds[k] for k in kinds])[0]
+    language = rng.choice(cfg.languages)
+    if language.lower() == "passage":  # the passage's own language: Chinese passages get Chinese queries
+        language = passage.language
+    length = rng.choice(cfg.query_lengths)
+    targets = [lang for lang in cfg.bitext_languages if lang.lower() != passage.language.lower()]
+    target = rng.choice(targets) if targets else None
+    similarity = rng.choice(cfg.sts_similarity)
+    return Plan(passage, kind, language, length, target, similarity)
+
+
+def check_config(cfg: SynthConfig) -> None:
+    unknown = sorted(set(cfg.kinds) - set(KINDS))
+    if unknown:
+        raise ValueError(f"synth.kinds: unknown task kind(s) {unknown}; known: {list(KINDS)}")
+    if not any(w > 0 for w in cfg.kinds.values()) or any(w < 0 for w in cfg.kinds.values()):
+        raise ValueError(f"synth.kinds: weights must be >= 0 with at least one > 0, got {cfg.kinds}")
+    for name in ("languages", "query_lengths", "sts_similarity"):
+        if not getattr(cfg, name):
+            raise ValueError(f"synth.{name} is empty")
+    if cfg.kinds.get("bitext", 0) > 0 and not cfg.bitext_languages:
+        raise ValueError("synth.bitext_languages is empty but synth.kinds asks for bitext pairs")
+    if cfg.kinds.get("classification", 0) > 0 and len(cfg.labels) < 2:
+        raise ValueError("synth.labels needs at least two labels for classification pairs")
+    if cfg.generator.structured and cfg.generator.json_prefill:
+        raise ValueError("synth.generator.json_prefill and synth.generator.structured are both on: "
+                         "structured decoding writes the whole answer, so it replaces the prefill; turn one "
+                         "of them off")

@@ -1,0 +1,178 @@
+"""The `q3e` command line (flows/cli.py): how it parses a command line, what each command's --help
+says it does, the defaults it takes from conf/base.yaml, and failures as one `error:` line. Run
+in-process through `main`, the console entry; commands that start services are left to the
+end-to-end tests (tests/test_pipeline.py, tests/reliability/test_process_hygiene.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import typer.main
+import yaml
+
+from flows.cli import app, main, one_line
+from tasks.config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# every command, and words of its --help that say what it does (in the paper's terms)
+HELP = {
+    "config": "Print the fully resolved configuration",
+    "train": "Train one stage (embedding: improved InfoNCE; reranker: yes/no SFT)",
+    "merge": "Slerp-merge checkpoints tensor by tensor",
+    "encode": "Embed texts and print the cosine similarity matrix",
+    "export": "Re-export a model",
+    "eval": "Evaluate an embedding model",
+    "synth": "Synthesise training pairs with an LLM",
+    "filter": "Filter synthetic pairs",
+    "run": "Run the whole pipeline",
+    "ablate": "Run the ablation sweep (paper Table 5",
+    "rerun": "Reproduce a run from MLflow",
+    "retrain": "Retrain on the newest data version",
+    "schedule": "Serve the retraining flow as a Prefect deployment on a cron schedule",
+    "lineage": "Print where a run's models came from",
+    "report": "Print the Markdown report of pipeline runs",
+    "runs compare": "Print the comparison table of pipeline runs",
+}
+
+
+def q3e(capsys, *args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `q3e ARGS`."""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def flat(text: str) -> str:
+    """Help text with the panel borders and line wrapping taken out."""
+    return " ".join(text.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+
+
+@pytest.fixture(autouse=True)
+def _commands_leave_the_test_process_as_it_was(monkeypatch):
+    monkeypatch.setenv("Q3E_DEBUG", "")  # `--debug` sets it: undone after each test
+    monkeypatch.setenv("Q3E_NO_REAPER", "1")  # no watchdog process for the test runner
+    prefect_loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
+    filters = [list(logger.filters) for logger in prefect_loggers]
+    yield
+    for logger, before in zip(prefect_loggers, filters):  # commands filter Prefect's failure echo
+        logger.filters[:] = before
+
+
+def test_every_command_is_listed_with_what_it_does(capsys):
+    group = typer.main.get_command(app)
+    names = {f"{n} {sub}" if hasattr(c, "commands") else n
+             for n, c in group.commands.items() for sub in getattr(c, "commands", [None])}
+    assert names == set(HELP)
+    code, out, _ = q3e(capsys, "--help")
+    assert code == 0
+    for name in HELP:
+        assert f"│ {name.split()[0]} " in out, name
+
+
+@pytest.mark.parametrize("command", sorted(HELP))
+def test_each_commands_help_says_what_it_does(capsys, command):
+    code, out, err = q3e(capsys, *command.split(), "--help")
+    assert code == 0 and not err
+    assert HELP[command] in flat(out)
+    assert f"Usage: q3e {command}" in out
+
+
+def test_config_resolves_preset_files_and_overrides_in_that_order(capsys, tmp_path):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("stage2: {steps: 5, lr: 0.004}\n")
+    code, out, err = q3e(capsys, "config", "--preset", "micro", "-c", str(overlay), "stage2.steps=7",
+                         "stage2.loss.temperature=0.02")
+    assert code == 0, err
+    cfg = yaml.safe_load(out)
+    assert cfg["preset"] == "micro" and cfg["model"]["backbone"] == "micro"
+    assert cfg["stage2"]["steps"] == 7 and cfg["stage2"]["lr"] == 0.004  # the override after the file
+    assert cfg["stage2"]["loss"]["temperature"] == 0.02
+    code, out, _ = q3e(capsys, "config", "-p", "micro", "--ablation", "no-merge")
+    assert code == 0 and yaml.safe_load(out)["merge"]["enabled"] is False
+
+
+@pytest.mark.parametrize("args, named", [
+    (["stage2.nosuchkey=1", "stage2.lr=abc"],
+     ["override 'stage2.nosuchkey=1'", "stage2.nosuchkey: unknown key",
+      "stage2.lr: Input should be a valid number"]),
+    (["--preset", "nosuch"], ["unknown preset 'nosuch'; available: micro,"]),
+    (["stage2.steps"], ["override 'stage2.steps': expected key.sub=value"]),
+])
+def test_a_bad_config_is_one_error_line_naming_the_key_and_nothing_runs(capsys, args, named):
+    code, out, err = q3e(capsys, "config", *(["--preset", "micro"] if args[0] != "--preset" else []), *args)
+    assert code == 2 and out == ""
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [err.splitlines()[0]]
+    assert "Traceback" not in err
+    for text in named:
+        assert text in err
+
+
+def test_a_bad_command_line_is_a_usage_error(capsys):
+    code, _, err = q3e(capsys, "trian")
+    assert code == 2 and "No such command 'trian'" in flat(err)
+    code, _, err = q3e(capsys, "train", "--preset", "micro")
+    assert code == 2 and "Missing option '--out'" in flat(err)
+
+
+def test_a_wrong_stage_name_is_refused_before_training(capsys, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = q3e(capsys, "train", "--stage", "stage3", "--preset", "micro", "--out", str(out))
+    assert code == 1 and "error: --stage must be stage1, stage2 or reranker, got 'stage3'" in err
+    assert not out.exists()
+
+
+def test_an_unexpected_failure_is_one_line_and_its_traceback_goes_to_a_file(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    not_a_folder = tmp_path / "runs"
+    not_a_folder.write_text("a file where the run folder should be\n")
+    code, _, err = q3e(capsys, "runs", "compare", "--run-dir", str(not_a_folder))
+    assert code == 1
+    (line,) = err.splitlines()
+    assert line.startswith(f"error: FileExistsError: [Errno 17] File exists: '{not_a_folder}' (traceback: ")
+    traceback_file = Path(line.split("(traceback: ")[1].split(";")[0])
+    assert traceback_file.parent == tmp_path and "Traceback" in traceback_file.read_text()
+    # --debug, anywhere on the line: the exception itself, with its traceback
+    with pytest.raises(FileExistsError):
+        main(["runs", "compare", "--debug", "--run-dir", str(not_a_folder)])
+    assert os.environ["Q3E_DEBUG"] == "1"
+
+
+def test_one_line_keeps_the_projects_messages_and_names_other_exceptions():
+    assert one_line(ConfigError("invalid configuration (from base.yaml):\n  stage2.lr: unknown key")) == \
+        "invalid configuration (from base.yaml): stage2.lr: unknown key"
+    assert one_line(ValueError("bad\nvalue")) == "ValueError: bad value"
+    assert one_line(KeyError()) == "KeyError: KeyError()"
+
+
+def test_the_defaults_are_read_from_base_yaml(tmp_path):
+    """The options' defaults follow conf/base.yaml (here a changed copy, through Q3E_CONF_DIR)."""
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "conf", conf)
+    base = yaml.safe_load((conf / "base.yaml").read_text())
+    base["preset"], base["run_dir"] = "micro", "elsewhere"
+    base["eval"] |= {"batch_size": 48, "rerank_top_k": 7}
+    base["infra"]["mlflow_experiment"] = "other-experiment"
+    (conf / "base.yaml").write_text(yaml.safe_dump(base))
+    code = ("import json, typer.main; from flows.cli import app; g = typer.main.get_command(app); "
+            "c = dict(g.commands, compare=g.commands['runs'].commands['compare']); "
+            "print(json.dumps({n: {p.name: str(p.default) for p in c[n].params} for n in c}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "Q3E_CONF_DIR": str(conf)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    defaults = json.loads(proc.stdout)
+    assert {n: d["preset"] for n, d in defaults.items() if "preset" in d} == \
+        {n: "micro" for n in ("config", "train", "synth", "filter", "run", "ablate", "retrain", "schedule")}
+    assert (defaults["eval"]["batch_size"], defaults["eval"]["rerank_top_k"]) == ("48", "7")
+    for name in ("rerun", "lineage", "compare", "report"):
+        assert defaults[name]["run_dir"] == "elsewhere", name
+    for name in ("rerun", "lineage", "compare"):
+        assert defaults[name]["experiment"] == "other-experiment", name

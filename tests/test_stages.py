@@ -1,0 +1,111 @@
+"""Content-addressed stage folders (tasks/stages.py): a stage's key is a function of its inputs (its
+config section, the model, the keys of the stages it reads) and of nothing else, so a changed
+setting reruns exactly the stages downstream of it; `done.json` is what makes a folder reusable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks import stages
+from tasks.config import load_config
+from tasks.stages import stage_dir, stage_key, train_resources
+
+DATA = "50ba92085f0651a5aaa6eed1845bb4cf.dir"  # a data version, as data.dvc records it
+
+
+def recipe_keys(*overrides: str, data: str = DATA) -> dict[str, str]:
+    """The keys of the embedding half of the recipe on the micro preset, each over the keys of the
+    stages it reads (as flows/pipeline.py chains them)."""
+    cfg = load_config("micro", list(overrides))
+    keys = {"synthesis": stage_key("synthesis", synth=cfg.synth, data=data)}
+    keys["stage1"] = stage_key("stage1", train=cfg.stage1, model=cfg.model, synth=keys["synthesis"],
+                               data=data)
+    keys["filter"] = stage_key("filter", filter=cfg.filter, synth=keys["synthesis"], embedder=keys["stage1"],
+                               model=cfg.model)
+    keys["stage2"] = stage_key("stage2", train=cfg.stage2, model=cfg.model, init=keys["stage1"],
+                               filtered=keys["filter"], data=data)
+    keys["merge"] = stage_key("merge", merge=cfg.merge, trained=keys["stage2"], base=None)
+    keys["reranker"] = stage_key("reranker", train=cfg.reranker, model=cfg.reranker_backbone,
+                                 filtered=keys["filter"], data=data)
+    return keys
+
+
+def changed(a: dict[str, str], b: dict[str, str]) -> set[str]:
+    return {stage for stage in a if a[stage] != b[stage]}
+
+
+@pytest.fixture(scope="module")
+def base_keys() -> dict[str, str]:
+    return recipe_keys()
+
+
+def test_the_same_inputs_give_the_same_key(base_keys):
+    assert recipe_keys() == base_keys
+    assert all(len(k) == 16 and int(k, 16) >= 0 for k in base_keys.values())
+    assert len(set(base_keys.values())) == len(base_keys)  # the stage's name is part of its key
+
+
+@pytest.mark.parametrize("override, downstream", [
+    ("stage2.lr=0.002", {"stage2", "merge"}),
+    ("merge.num_checkpoints=2", {"merge"}),
+    ("filter.threshold=0.5", {"filter", "stage2", "merge", "reranker"}),
+    ("stage1.steps=3", {"stage1", "filter", "stage2", "merge", "reranker"}),  # the filter scores with stage 1
+    ("synth.num_passages=9", {"synthesis", "stage1", "filter", "stage2", "merge", "reranker"}),
+    ("model.max_doc_length=48", {"stage1", "filter", "stage2", "merge", "reranker"}),
+])
+def test_a_changed_setting_changes_its_stage_and_everything_downstream_only(base_keys, override, downstream):
+    assert changed(base_keys, recipe_keys(override)) == downstream
+
+
+@pytest.mark.parametrize("override", ["eval.batch_size=7", "infra.ray_num_cpus=1", "run_dir=elsewhere",
+                                      "retrain.tolerance=0.1"])
+def test_settings_no_stage_reads_change_no_key(base_keys, override):
+    assert changed(base_keys, recipe_keys(override)) == set()
+
+
+def test_a_new_data_version_changes_the_stages_that_read_data(base_keys):
+    assert changed(base_keys, recipe_keys(data="0" * 32 + ".dir")) == \
+        {"synthesis", "stage1", "filter", "stage2", "merge", "reranker"}
+
+
+def test_keys_do_not_depend_on_argument_order_or_path_type(monkeypatch):
+    assert stage_key("eval", model="k1", reranker=None, data=DATA) == \
+        stage_key("eval", data=DATA, reranker=None, model="k1")
+    assert stage_key("merge", trained=Path("/a/b")) == stage_key("merge", trained="/a/b")
+    assert stage_key("merge", trained=("x", "y")) == stage_key("merge", trained=["x", "y"])
+    assert stage_key("merge", trained="k1") != stage_key("merge", trained="k2")
+    before = stage_key("merge", trained="k1")
+    monkeypatch.setattr(stages, "ARTIFACT_VERSION", "2")  # a new artifact format: nothing old is reused
+    assert stage_key("merge", trained="k1") != before
+
+
+def test_a_stage_folder_counts_as_done_only_with_a_readable_marker(tmp_path):
+    sd = stage_dir(tmp_path / "artifacts", "eval-stage2", "0123abcd", folder="eval")
+    assert sd.path == tmp_path / "artifacts" / "eval" / "0123abcd"
+    assert stage_dir(tmp_path, "stage2", "k").path == tmp_path / "stage2" / "k"
+    assert sd.result() is None
+    sd.path.mkdir(parents=True)
+    (sd.path / "checkpoints").mkdir()  # what a stage leaves when it fails halfway: not done
+    assert sd.result() is None
+
+    result = {"final": sd.path / "model", "scores": {"nq": 0.5},
+              "checkpoints": (sd.path / "a", sd.path / "b")}
+    assert sd.complete(result) is result
+    recorded = sd.result()
+    assert recorded == {"final": str(sd.path / "model"), "scores": {"nq": 0.5},
+                        "checkpoints": [str(sd.path / "a"), str(sd.path / "b")]}
+    assert json.loads(sd.marker.read_text()) == recorded and not list(sd.path.glob("*.tmp*"))
+
+    sd.marker.write_text('{"final": "cut')  # a marker cut short (a crash while writing it)
+    assert sd.result() is None
+
+
+def test_ray_train_stages_run_in_the_driver_others_in_a_ray_task():
+    cfg = load_config("micro").stage2
+    assert train_resources(cfg) == cfg.resources
+    distributed = cfg.distributed.model_copy(update={"engine": "ray_train"})
+    ray_train = cfg.model_copy(update={"distributed": distributed})
+    assert train_resources(ray_train) is None
