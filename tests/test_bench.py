@@ -112,7 +112,8 @@ def test_gradcache_agrees_with_plain_and_its_ratios_follow_from_its_rows(runs):
         t = row["step_s_median"]
         assert close(row["pairs_per_s"], row["batch"] / t, 3, rel=1e-4 / t)
         mem = row["memory"]
-        assert close(mem["step_delta_mb"], mem["step_peak_mb"] - mem["rss_before_mb"], 1)
+        # three figures each rounded to 0.1 MB: the difference of two of them is off by up to 0.15
+        assert abs(mem["step_delta_mb"] - (mem["step_peak_mb"] - mem["rss_before_mb"])) <= 0.15 + 1e-9
         assert mem["process_peak_mb"] >= mem["step_peak_mb"] > 0
     plain, gc = m["rows"]
     assert m["ratios"] == {
