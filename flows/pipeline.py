@@ -12,6 +12,7 @@ one parent run per pipeline run, one nested run per stage, all logged from this 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -217,7 +218,12 @@ def evaluation(ctx: Context, name: str, model: str | ModelConfig, model_key: str
     from tasks.stages import eval_stage
 
     cfg = ctx.cfg
-    key = stage_key("eval", eval=cfg.eval, model=model_key, reranker=reranker_key, data=ctx.data_md5)
+    from tasks.evaluation.prompts import PROMPTS_FILE
+
+    # the task instructions are part of what is measured: a changed conf/task_prompts.json re-evaluates
+    prompts = hashlib.sha256(PROMPTS_FILE.read_bytes()).hexdigest()[:16]
+    key = stage_key("eval", eval=cfg.eval, model=model_key, reranker=reranker_key, data=ctx.data_md5,
+                    prompts=prompts)
     sd = stage_dir(ctx.artifacts, f"eval-{name}", key)
     return run_stage.with_options(name=sd.name)(
         ctx, sd, eval_stage, (model, cfg.eval, str(sd.path)),
