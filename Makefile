@@ -29,7 +29,7 @@ run: venv
 	$(BIN)/q3e run --preset $(PRESET) $(ARGS)
 
 test: venv
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(ARGS)
 
 bench: venv
 	$(BIN)/python -m bench all

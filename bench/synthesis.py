@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
                 cfg = synth_config(args, workers, batch)
                 log(f"synthesis {name}: {args.passages} passages, {workers} worker(s), batch {batch}")
                 t0 = time.perf_counter()
-                res = synthesize(cfg, Path(tmp) / name, progress=False, num_cpus=2)
+                res = synthesize(cfg, Path(tmp) / name, progress=False)
                 wall = time.perf_counter() - t0
                 s = res.stats
                 rows[name] = {

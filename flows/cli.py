@@ -284,6 +284,7 @@ def synth_cmd(
 
     from tasks.config import SynthConfig
     from tasks.data import DataError
+    from tasks.distributed import init_ray, place_actors
     from tasks.models import ModelLoadError
     from tasks.synthesis.generators import GeneratorError
     from tasks.synthesis.run import synthesize
@@ -293,10 +294,11 @@ def synth_cmd(
     update = {k: v for k, v in {"passages": [str(p) for p in passages] if passages else None,
                                 "personas": str(personas) if personas else None,
                                 "num_passages": num_passages, "workers": workers}.items() if v is not None}
+    address = ray_address or cfg.infra.ray_address
     try:
         scfg = SynthConfig.model_validate(cfg.synth.model_dump() | update)
-        res = synthesize(scfg, out, ray_address=ray_address or cfg.infra.ray_address, progress=True,
-                         num_cpus=cfg.infra.ray_num_cpus)
+        init_ray(address, cfg.infra.ray_num_cpus)
+        res = synthesize(scfg, out, placement=place_actors(scfg, "synth", address=address), progress=True)
     except (ValidationError, DataError, ModelLoadError, GeneratorError, ValueError, FileNotFoundError) as e:
         raise _fail(e) from None
     typer.echo(f"{res.stats['accepted']} pairs accepted, {res.stats['rejected']} rejected, "
@@ -325,17 +327,19 @@ def filter_cmd(
 
     from tasks.config import FilterConfig
     from tasks.data import DataError
+    from tasks.distributed import init_ray, place_actors
     from tasks.filter import filter_pairs
     from tasks.models import ModelLoadError
 
     _setup_logging()
     cfg = _config(preset, overrides, files)
     update = {k: v for k, v in {"threshold": threshold, "workers": workers}.items() if v is not None}
+    address = ray_address or cfg.infra.ray_address
     try:
         fcfg = FilterConfig.model_validate(cfg.filter.model_dump() | update)
+        init_ray(address, cfg.infra.ray_num_cpus)
         res = filter_pairs(fcfg, pairs, out, embedder=embedder or fcfg.embedder,
-                           ray_address=ray_address or cfg.infra.ray_address, progress=True,
-                           num_cpus=cfg.infra.ray_num_cpus)
+                           placement=place_actors(fcfg, "filter", address=address), progress=True)
     except (ValidationError, DataError, ModelLoadError, ValueError, FileNotFoundError) as e:
         raise _fail(e) from None
     r = res.report

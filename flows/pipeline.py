@@ -5,8 +5,10 @@
     -> reranker SFT + merge -> evaluation of backbone, stage 1, stage 2, merged, reranker
 
 Every stage is a Prefect task over a content-addressed folder (tasks/stages.py): unchanged inputs
-are reused, a failed stage resumes from its own checkpoints/shards. Training and evaluation run
-as Ray tasks with the resources of their config; synthesis and filtering use Ray actors. MLflow:
+are reused, a failed stage resumes from its own checkpoints/shards. The flow connects to Ray once
+and decides what runs where: training and evaluation run as Ray tasks with the resources of their
+config; synthesis and filtering get a pool of Ray actors sized here, from their config and the
+cluster's resources (`place_actors`), and run it on the flow's Ray. MLflow:
 one parent run per pipeline run, one nested run per stage, all logged from this driver process.
 """
 
@@ -25,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import lineage, report, tracking
 from tasks.config import ModelConfig, PipelineConfig, Resources, load_config
-from tasks.distributed import init_ray, run_remote
+from tasks.distributed import init_ray, place_actors, run_remote
 from tasks.stages import StageDir, merge_stage, stage_dir, stage_key, timed, train_resources, train_stage
 
 log = logging.getLogger(__name__)
@@ -126,8 +128,8 @@ def synthesis(ctx: Context) -> dict | None:
     sd = stage_dir(ctx.datasets, "synthesis", key, folder="synthetic")
     return run_stage.with_options(name=sd.name)(
         ctx, sd, synth_stage, (cfg.synth, str(sd.path)),
-        {"data_root": str(ctx.root), "ray_address": cfg.infra.ray_address, "project_root": str(ctx.root),
-         "dvc_remote": cfg.infra.dvc_remote},
+        {"data_root": str(ctx.root), "project_root": str(ctx.root), "dvc_remote": cfg.infra.dvc_remote,
+         "placement": place_actors(cfg.synth, "synth", address=cfg.infra.ray_address)},
         params=_section(cfg, "synth"))
 
 
@@ -160,8 +162,8 @@ def filtering(ctx: Context, synth: dict | None, s1: dict | None) -> dict | None:
     sd = stage_dir(ctx.datasets, "filter", key, folder="filtered")
     return run_stage.with_options(name=sd.name)(
         ctx, sd, filter_stage, (cfg.filter, synth["shards_dir"], str(sd.path)),
-        {"embedder": embedder, "ray_address": cfg.infra.ray_address, "project_root": str(ctx.root),
-         "dvc_remote": cfg.infra.dvc_remote},
+        {"embedder": embedder, "project_root": str(ctx.root), "dvc_remote": cfg.infra.dvc_remote,
+         "placement": place_actors(cfg.filter, "filter", address=cfg.infra.ray_address)},
         params=_section(cfg, "filter"))
 
 

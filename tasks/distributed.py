@@ -1,6 +1,11 @@
 """Ray at the edge: connect (or start a local instance), run a stage's heavy work as a Ray task,
 or spread shards over a pool of Ray actors.
 
+The flow (or the command line) connects once, with `init_ray`, and decides where a stage's actors
+run, with `place_actors`: a `Placement` (how many actors, CPUs and GPUs each) it hands to the stage.
+A stage only uses the Ray that is up; called as a library with no placement, it takes its config's
+own request, and with no Ray up it starts a local instance for the call (`ray_for`).
+
 With no address configured, a local Ray instance is started with the machine's CPUs and no
 dashboard, reachable from this machine only: every Ray process listens on 127.0.0.1 (Ray's own
 local-only mode, `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`; set it to 1 to open the local instance
@@ -16,10 +21,15 @@ atomically, so a retried task can neither duplicate nor half-write anything.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+if TYPE_CHECKING:
+    from tasks.config import FilterConfig, SynthConfig
 
 log = logging.getLogger(__name__)
 
@@ -104,22 +114,80 @@ def run_remote(fn: Callable, *args, num_cpus: float | None = None, num_gpus: flo
     return ray.get(remote.remote(*args, **kwargs))
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a stage's pool of Ray actors runs: `actors` actors, each holding `cpus` CPUs and `gpus`
+    GPUs (a fraction shares a device). Decided by the flow or the command line (`place_actors`)."""
+
+    actors: int
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.actors < 1 or self.cpus <= 0 or self.gpus < 0:
+            raise ValueError(f"a placement needs actors >= 1, cpus > 0 and gpus >= 0, got {self}")
+
+    @classmethod
+    def requested(cls, section: SynthConfig | FilterConfig) -> Placement:
+        """What a stage's config asks for: `workers` actors of `cpus_per_worker` / `gpus_per_worker`."""
+        return cls(section.workers, section.cpus_per_worker, section.gpus_per_worker)
+
+    @property
+    def threads(self) -> int:
+        """torch threads in each actor: its whole CPUs, at least one."""
+        return max(1, round(self.cpus))
+
+    @property
+    def total_cpus(self) -> int:
+        return max(1, math.ceil(self.actors * self.cpus))
+
+
+def place_actors(section: SynthConfig | FilterConfig, name: str, *, address: str | None = None,
+                 resources: dict[str, float] | None = None) -> Placement:
+    """The pool a stage's actors get, from its config section (`name`: synth, filter) and the Ray
+    cluster's total `resources` (default: those of the Ray that `init_ray` brought up).
+
+    The embedded Ray (no `address`, no $RAY_ADDRESS) is this machine: the pool is cut to the actors
+    its CPUs and GPUs hold at once (one more would never start, and the shards queued on it would
+    wait for ever), and a pool that does not fit even once is an error. A cluster (`address`) may
+    add nodes on demand (its autoscaler), so its request stands, with a warning when the nodes up
+    now cannot hold it."""
+    want = Placement.requested(section)
+    if resources is None:
+        import ray
+
+        resources = ray.cluster_resources()
+    have = {k: float(resources.get(k, 0.0)) for k in ("CPU", "GPU")}
+    # the epsilon: 0.3 / 0.1 is 2.999... in floats, while Ray (counting in units of 1e-4) fits 3
+    fits = min([math.floor(have["CPU"] / want.cpus + 1e-6)]
+               + ([math.floor(have["GPU"] / want.gpus + 1e-6)] if want.gpus else []))
+    if fits >= want.actors:
+        return want
+    asked = (f"{name}.workers={want.actors} actors of {want.cpus:g} CPU(s) and {want.gpus:g} GPU(s) each "
+             f"({name}.cpus_per_worker, {name}.gpus_per_worker)")
+    has = f"{have['CPU']:g} CPU(s) and {have['GPU']:g} GPU(s)"
+    if address or os.environ.get("RAY_ADDRESS"):
+        log.warning("%s: the Ray cluster has %s now, fewer than %s; the actors that do not fit "
+                    "wait for nodes", name, has, asked)
+        return want
+    if fits < 1:
+        raise ValueError(f"{name}: not one actor of {asked} fits on the local Ray, which has {has} "
+                         f"(infra.ray_num_cpus sets its CPUs)")
+    log.info("%s: %d actor(s): the local Ray, with %s, holds no more of %s", name, fits, has, asked)
+    return replace(want, actors=fits)
+
+
 @contextmanager
-def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[None]:
-    """Connect to Ray: an already initialised session is reused; `address` (or $RAY_ADDRESS) joins a
-    cluster (its nodes need this project installed); else a local instance with `num_cpus` CPUs and
-    no dashboard, shut down on exit."""
+def ray_for(placement: Placement) -> Iterator[None]:
+    """The Ray a stage's actors run on: the instance already up (the flow's or the command line's,
+    `init_ray`), as it is; else (a stage called as a library) `init_ray` with the placement's CPUs,
+    a local instance (or $RAY_ADDRESS's cluster), shut down on exit."""
     import ray
 
     if ray.is_initialized():
         yield
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        local_only()
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
+    init_ray(num_cpus=placement.total_cpus)
     try:
         yield
     finally:
@@ -127,11 +195,12 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
 
 
 def run_on_actors(actor_cls: type, init_args: tuple, tasks: Sequence[tuple[Any, str, tuple]], *,
-                  workers: int, num_cpus: float, num_gpus: float, on_result: Callable[[Any, Any], None],
+                  placement: Placement, on_result: Callable[[Any, Any], None],
                   progress: bool = True, desc: str = "shards", total: int | None = None,
                   max_restarts: int = 1) -> None:
-    """Run `actor.<method>(*args)` for each (key, method, args) on a pool of `workers` actors, each
-    built once with `init_args`; `on_result(key, result)` runs in the driver as results arrive.
+    """Run `actor.<method>(*args)` for each (key, method, args) on a pool of `placement.actors`
+    actors (no more than there are tasks), each built once with `init_args` and holding the
+    placement's CPUs and GPUs; `on_result(key, result)` runs in the driver as results arrive.
 
     An actor whose process dies is restarted (its `__init__` runs again) and the task it was
     running is retried, up to `max_restarts` times per actor. A task that fails otherwise (an
@@ -143,9 +212,9 @@ def run_on_actors(actor_cls: type, init_args: tuple, tasks: Sequence[tuple[Any, 
     todo = list(tasks)
     if not todo:
         return
-    remote = ray.remote(actor_cls).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
-                                           max_task_retries=max_restarts)
-    actors = [remote.remote(*init_args) for _ in range(min(workers, len(todo)))]
+    remote = ray.remote(actor_cls).options(num_cpus=placement.cpus, num_gpus=placement.gpus,
+                                           max_restarts=max_restarts, max_task_retries=max_restarts)
+    actors = [remote.remote(*init_args) for _ in range(min(placement.actors, len(todo)))]
     total = total if total is not None else len(todo)
     bar = tqdm(total=total, initial=total - len(todo), desc=desc, unit="shard", disable=not progress)
     in_flight: dict[Any, tuple[Any, Any]] = {}

@@ -28,7 +28,7 @@ import numpy as np
 
 from tasks.config import FilterConfig, ModelConfig
 from tasks.data import DataError, atomic_write_text, iter_jsonl, write_jsonl
-from tasks.distributed import ray_session, run_on_actors
+from tasks.distributed import Placement, ray_for, run_on_actors
 from tasks.models.specs import encoder_id, load_encoder
 
 HISTOGRAM = "scores.png"
@@ -92,11 +92,14 @@ def _sha_file(path: Path) -> str:
 
 
 def filter_pairs(cfg: FilterConfig, pairs_dir: str | Path, out_dir: str | Path, *,
-                 embedder: str | Path | ModelConfig | None, ray_address: str | None = None,
-                 progress: bool = True, num_cpus: int | None = None,
-                 encoder_factory: Callable[[], Any] | None = None) -> FilterResult:
+                 embedder: str | Path | ModelConfig | None, placement: Placement | None = None,
+                 progress: bool = True, encoder_factory: Callable[[], Any] | None = None) -> FilterResult:
     """Score every pair of `pairs_dir/shard-*.jsonl` with `embedder` (default `cfg.embedder`) on
-    Ray actors and keep those with score > `cfg.threshold`. `encoder_factory` (a picklable
+    Ray actors and keep those with score > `cfg.threshold`.
+
+    The actors run as `placement` says (the flow's `place_actors`) on the Ray that is up; with no
+    placement, as `cfg` asks (`workers`, `cpus_per_worker`, `gpus_per_worker`), and with no Ray up
+    on a local instance started for the call (`ray_for`). `encoder_factory` (a picklable
     zero-argument callable returning that model, e.g. wrapped) is called in each worker instead of
     loading `embedder`, which still names the scorer in the manifest."""
     t0 = time.perf_counter()
@@ -122,18 +125,19 @@ def filter_pairs(cfg: FilterConfig, pairs_dir: str | Path, out_dir: str | Path, 
         write_jsonl(out_dir / "dropped" / f"dropped-{path.name.removeprefix('shard-')}", dropped)
         write_jsonl(out_dir / path.name, kept)  # last: its presence marks the shard done
 
+    placement = placement or Placement.requested(cfg)
     tasks = [(p, "score", (_read_shard(p),)) for p in missing]
     if tasks:
-        with ray_session(ray_address, num_cpus=num_cpus or max(1, round(cfg.workers * cfg.cpus_per_worker))):
-            run_on_actors(FilterWorker, (spec, cfg.batch_size, max(1, round(cfg.cpus_per_worker)), encoder_factory),
-                          tasks,
-                          workers=cfg.workers, num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
-                          on_result=write, progress=progress, desc="filter", total=len(inputs))
+        with ray_for(placement):
+            run_on_actors(FilterWorker, (spec, cfg.batch_size, placement.threads, encoder_factory), tasks,
+                          placement=placement, on_result=write, progress=progress, desc="filter",
+                          total=len(inputs))
     report = filter_report(out_dir, [p.name for p in inputs], cfg.threshold, settings["embedder"])
     hist = out_dir / HISTOGRAM
     plot_histogram(out_dir, [p.name for p in inputs], cfg.threshold, hist)
     report["histogram"] = hist.name
-    report["run"] = {"workers": cfg.workers, "shards_scored": len(missing), "shards_reused": len(inputs) - len(missing),
+    report["run"] = {"workers": placement.actors, "shards_scored": len(missing),
+                     "shards_reused": len(inputs) - len(missing),
                      "seconds": round(time.perf_counter() - t0, 2)}
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     if progress:

@@ -18,6 +18,7 @@ from typing import Any
 
 from tasks.config import DataSource, EvalConfig, ModelConfig, Resources, TrainConfig
 from tasks.data import atomic_write_text
+from tasks.distributed import Placement
 
 # Bump when a stage's output format or semantics change, so old artifacts are not reused.
 ARTIFACT_VERSION = "1"
@@ -141,13 +142,14 @@ def eval_stage(model, cfg: EvalConfig, out_dir: str, *, reranker: str | None = N
             "metrics": {"eval": results}}
 
 
-def synth_stage(cfg, out_dir: str, *, data_root: str | None = None, ray_address: str | None = None,
+def synth_stage(cfg, out_dir: str, *, data_root: str | None = None, placement: Placement | None = None,
                 project_root: str | None = None, dvc_remote: str | None = None) -> dict:
-    """Synthesis into a DVC-tracked data set folder; returns its shard folder and DVC version."""
+    """Synthesis into a DVC-tracked data set folder, its actors placed as `placement` says; returns
+    its shard folder and DVC version."""
     from tasks.lineage import track_dataset
     from tasks.synthesis.run import synthesize
 
-    res = synthesize(cfg, out_dir, data_root=data_root, ray_address=ray_address, progress=True)
+    res = synthesize(cfg, out_dir, data_root=data_root, placement=placement, progress=True)
     stats_path = Path(out_dir) / "stats.json"
     out = {"shards_dir": str(res.out_dir), "n_accepted": int(res.stats.get("accepted", 0)),
            "stats": str(stats_path), "metrics": {"synth": _numbers(res.stats)}}
@@ -156,12 +158,13 @@ def synth_stage(cfg, out_dir: str, *, data_root: str | None = None, ray_address:
     return out
 
 
-def filter_stage(cfg, pairs_dir: str, out_dir: str, *, embedder: str, ray_address: str | None = None,
+def filter_stage(cfg, pairs_dir: str, out_dir: str, *, embedder: str, placement: Placement | None = None,
                  project_root: str | None = None, dvc_remote: str | None = None) -> dict:
+    """Filtering into a DVC-tracked data set folder, its actors placed as `placement` says."""
     from tasks.filter import filter_pairs
     from tasks.lineage import track_dataset
 
-    res = filter_pairs(cfg, pairs_dir, out_dir, embedder=embedder, ray_address=ray_address, progress=True)
+    res = filter_pairs(cfg, pairs_dir, out_dir, embedder=embedder, placement=placement, progress=True)
     out = {"kept_dir": str(res.out_dir), "n_kept": int(res.report.get("kept", 0)),
            "report": str(Path(out_dir) / "report.json"), "histogram": str(res.histogram),
            "metrics": {"filter": _numbers(res.report)}}

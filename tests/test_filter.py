@@ -1,9 +1,12 @@
 """Filtering (paper §3.3): cos(query with its instruction, document) > threshold, on Ray actors.
-Scores are checked by recomputing them one text at a time with `Embedder.encode`."""
+Scores are checked by recomputing them one text at a time with `Embedder.encode`; the pool of
+actors is the one the caller hands over (each actor reports what Ray gave it)."""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 
 from tasks.config import FilterConfig
 from tasks.data import write_jsonl
+from tasks.distributed import Placement
 from tasks.filter import filter_pairs, score_pairs
 from tasks.synthesis.prompts import INSTRUCTIONS
 
@@ -99,6 +103,51 @@ def test_filter_keeps_exactly_the_pairs_above_threshold(ray_session, micro_cfg, 
     with pytest.raises(ValueError, match="other settings"):
         filter_pairs(cfg.model_copy(update={"threshold": 0.5}), pairs_dir, out, embedder=micro_cfg.model,
                      progress=False)
+
+
+class ReportingEncoder:
+    """The scoring model, built in a Ray actor that first writes what it holds to `folder/<pid>.json`:
+    the resources Ray assigned it and its torch threads."""
+
+    def __init__(self, folder: Path, spec):
+        import ray
+        import torch
+
+        from tasks.models.specs import load_encoder
+
+        held = {"resources": ray.get_runtime_context().get_assigned_resources(),
+                "threads": torch.get_num_threads()}
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{os.getpid()}.json").write_text(json.dumps(held))
+        self.inner = load_encoder(spec, device="cpu")
+
+    def encode(self, texts, **kw):
+        return self.inner.encode(texts, **kw)
+
+
+def test_the_filter_runs_the_pool_it_is_handed(ray_session, micro_cfg, pairs_dir, tmp_path):
+    """The config asks for one actor; the placement decides: two actors of one CPU, then one of two
+    CPUs (the fixture's Ray has two), with the same pairs kept either way."""
+    cfg = FilterConfig(threshold=0.2, workers=1, batch_size=4)
+    outputs = []
+    for placement in (Placement(actors=2, cpus=1.0), Placement(actors=1, cpus=2.0)):
+        held = tmp_path / f"held-{placement.actors}"
+        factory = functools.partial(ReportingEncoder, held, micro_cfg.model)
+        out = tmp_path / f"filtered-{placement.actors}"
+        res = filter_pairs(cfg, pairs_dir, out, embedder=micro_cfg.model, placement=placement,
+                           encoder_factory=factory, progress=False)
+        actors = [json.loads(p.read_text()) for p in held.glob("*.json")]
+        assert len(actors) == placement.actors == res.report["run"]["workers"]
+        assert all(a["resources"].get("CPU") == placement.cpus and not a["resources"].get("GPU")
+                   and a["threads"] == placement.threads for a in actors), actors
+        outputs.append({str(p.relative_to(out)): [json.loads(x) for x in p.read_text().splitlines()]
+                        for p in out.rglob("*.jsonl")})
+    # the same split and scores (to float noise: a different number of torch threads sums differently)
+    assert len(outputs[0]) == 4 and outputs[0].keys() == outputs[1].keys()  # 2 kept + 2 dropped shards
+    for name, records in outputs[0].items():
+        assert [r["query"] for r in records] == [r["query"] for r in outputs[1][name]]
+        assert [r["meta"]["filter_score"] for r in records] == \
+            pytest.approx([r["meta"]["filter_score"] for r in outputs[1][name]], abs=1e-5)
 
 
 def test_sentence_transformer_scorer_ranks_positives_above_negatives(shared_data):

@@ -23,10 +23,14 @@ def project(tmp_path_factory):
     return root
 
 
+# more filter actors than the tests' Ray (two CPUs) holds: the flow must hand the stage two
+WORKERS = "filter.workers=3"
+
+
 def run(project, shared_data, llm_url, *extra):
     from flows.pipeline import pipeline
 
-    return pipeline(preset="micro", overrides=pipeline_overrides(shared_data, llm_url, *extra),
+    return pipeline(preset="micro", overrides=pipeline_overrides(shared_data, llm_url, WORKERS, *extra),
                     project_dir=str(project))
 
 
@@ -62,6 +66,15 @@ def test_every_stage_runs_and_leaves_its_artifacts(runs, project):
         assert list(project.glob(f"runs/artifacts/{stage}/*/final/model.safetensors")), stage
     assert list(project.glob("runs/artifacts/merge/*/model/merge.json"))
     assert (project / "runs" / "runs" / s["run_id"] / "summary.json").is_file()
+
+
+def test_the_flow_sizes_the_actor_pools_to_its_ray(runs, project):
+    """The flow decides the pools from the config and the cluster: synthesis asks for one actor and
+    gets it; filtering asks for three on two CPUs and runs two (a third would never start, and
+    the stage would wait for its shard for ever)."""
+    synth = json.loads(next(project.glob("datasets/synthetic/*/stats.json")).read_text())
+    report = json.loads(next(project.glob("datasets/filtered/*/report.json")).read_text())
+    assert synth["run"]["workers"] == 1 and report["run"]["workers"] == 2
 
 
 def test_backbone_is_scored_with_the_presets_model_settings(runs, project):

@@ -1,6 +1,8 @@
 """Content-addressed stage folders (tasks/stages.py): a stage's key is a function of its inputs (its
 config section, the model, the keys of the stages it reads) and of nothing else, so a changed
-setting reruns exactly the stages downstream of it; `done.json` is what makes a folder reusable."""
+setting reruns exactly the stages downstream of it; `done.json` is what makes a folder reusable.
+The pool of Ray actors a synthesis or filtering stage gets is the flow's decision (`place_actors`),
+from the stage's config and the cluster's resources; the placement it hands over is in no key."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 
 from tasks import stages
 from tasks.config import load_config
+from tasks.distributed import Placement, place_actors
 from tasks.stages import stage_dir, stage_key, train_resources
 
 DATA = "50ba92085f0651a5aaa6eed1845bb4cf.dir"  # a data version, as data.dvc records it
@@ -109,3 +112,49 @@ def test_ray_train_stages_run_in_the_driver_others_in_a_ray_task():
     distributed = cfg.distributed.model_copy(update={"engine": "ray_train"})
     ray_train = cfg.model_copy(update={"distributed": distributed})
     assert train_resources(ray_train) is None
+
+
+# ----------------------------------------------------------------------------- actor placement (the flow's)
+
+def _section(workers: int, cpus: float = 1.0, gpus: float = 0.0):
+    return load_config("micro", [f"filter.workers={workers}", f"filter.cpus_per_worker={cpus}",
+                                 f"filter.gpus_per_worker={gpus}"]).filter
+
+
+@pytest.mark.parametrize("workers, cpus, gpus, cluster, actors", [
+    (2, 1.0, 0.0, {"CPU": 8.0}, 2),                  # fits: as configured
+    (4, 1.0, 0.0, {"CPU": 2.0}, 2),                  # two CPUs hold two actors of one CPU
+    (4, 0.1, 0.0, {"CPU": 0.3}, 3),                  # fractions: 0.3 / 0.1 fits 3, not 2.999...
+    (4, 1.0, 0.5, {"CPU": 16.0, "GPU": 1.0}, 2),     # half a GPU each: two share the one device
+    (3, 2.0, 1.0, {"CPU": 5.0, "GPU": 4.0}, 2),      # the scarcer resource decides
+])
+def test_the_embedded_ray_gets_the_pool_it_can_hold(monkeypatch, workers, cpus, gpus, cluster, actors):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    p = place_actors(_section(workers, cpus, gpus), "filter", resources=cluster)
+    assert p == Placement(actors, cpus, gpus) and p.threads == max(1, round(cpus))
+
+
+def test_a_pool_the_embedded_ray_cannot_hold_once_is_an_error_naming_the_settings(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ValueError, match=r"filter: not one actor of filter.workers=2 actors of 1 CPU\(s\) "
+                                         r"and 1 GPU\(s\) each \(filter.cpus_per_worker, filter.gpus_per_worker\) "
+                                         r"fits on the local Ray, which has 4 CPU\(s\) and 0 GPU\(s\)"):
+        place_actors(_section(2, 1.0, 1.0), "filter", resources={"CPU": 4.0})
+
+
+@pytest.mark.parametrize("how", ["infra.ray_address", "RAY_ADDRESS"])
+def test_a_cluster_keeps_the_configured_pool_its_autoscaler_may_grow_into(monkeypatch, caplog, how):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    address = "ray://head:10001" if how == "infra.ray_address" else None
+    if how == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", "auto")
+    with caplog.at_level("WARNING", logger="tasks.distributed"):
+        p = place_actors(_section(8, 1.0, 1.0), "filter", address=address, resources={"CPU": 8.0})
+    assert p == Placement(8, 1.0, 1.0) and "wait for nodes" in caplog.text
+
+
+def test_a_stage_called_without_a_placement_takes_its_configs_request():
+    cfg = _section(3, 0.5, 0.25)
+    assert Placement.requested(cfg) == Placement(3, 0.5, 0.25) and Placement.requested(cfg).total_cpus == 2
+    with pytest.raises(ValueError, match="actors >= 1"):
+        Placement(0)

@@ -3,7 +3,7 @@ the Ray-distributed, resumable `synthesize` on real passages.
 
 Where exact outputs are needed the LLM is a scripted backend (a class implementing the generator
 protocol, or a real HTTP server on loopback speaking the OpenAI API: tests/fakes.py); Ray always
-runs for real.
+runs for real, on the pool of actors the caller hands over (each actor reports what Ray gave it).
 """
 
 from __future__ import annotations
@@ -12,13 +12,18 @@ import filecmp
 import functools
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
 from tasks.config import GeneratorConfig, SynthConfig
+from tasks.distributed import Placement
 from tasks.synthesis.generators import (
     GeneratorError, OpenAIGenerator, Secret, build_generator, json_object_closed,
 )
@@ -270,6 +275,76 @@ def test_synthesize_with_a_scripted_llm(ray_session, shared_data, personas_file,
 
 def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.jsonl"))
+
+
+def reporting_generator(folder: Path) -> ScriptedGenerator:
+    """The scripted LLM, built in a Ray actor that first writes what it holds to `folder/<pid>.json`:
+    the resources Ray assigned it, its torch threads and the CPUs of the Ray it runs on."""
+    import ray
+    import torch
+
+    held = {"resources": ray.get_runtime_context().get_assigned_resources(),
+            "threads": torch.get_num_threads(), "cluster_cpus": ray.cluster_resources().get("CPU")}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{os.getpid()}.json").write_text(json.dumps(held))
+    return ScriptedGenerator()
+
+
+def _held(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+def test_synthesis_runs_the_pool_it_is_handed_on_either_engine(ray_session, shared_data, personas_file,
+                                                                tmp_path):
+    """The config asks for two actors; the placement decides: two actors of one CPU on the actor
+    engine, one of two CPUs (the fixture's Ray has two) on Ray Data, and the files are the same."""
+    cfg = synth_cfg(shared_data, personas_file, workers=2, kinds={"sts": 1, "classification": 1})
+    for engine, placement in (("actors", Placement(actors=2, cpus=1.0)),
+                              ("ray_data", Placement(actors=1, cpus=2.0))):
+        factory = functools.partial(reporting_generator, tmp_path / f"held-{engine}")
+        res = synthesize(cfg.model_copy(update={"engine": engine}), tmp_path / engine, placement=placement,
+                         generator_factory=factory, progress=False)
+        actors = _held(tmp_path / f"held-{engine}")
+        assert len(actors) == placement.actors == res.stats["run"]["workers"], engine
+        assert all(a["resources"].get("CPU") == placement.cpus and not a["resources"].get("GPU")
+                   and a["threads"] == placement.threads for a in actors), (engine, actors)
+        assert res.stats["run"]["shards_generated"] == 4
+    names = _files(tmp_path / "actors")
+    assert names == _files(tmp_path / "ray_data") and len(names) == 8
+    _, mismatch, errors = filecmp.cmpfiles(tmp_path / "actors", tmp_path / "ray_data", names, shallow=False)
+    assert not mismatch and not errors
+
+
+@pytest.mark.slow  # starts an interpreter, and a Ray instance in it
+def test_synthesize_called_as_a_library_with_no_ray_up_starts_one_for_the_call(shared_data, personas_file,
+                                                                               tmp_path):
+    """No placement and no Ray: the config's own request (two actors of one CPU) on a local Ray of
+    those two CPUs, started for the call and shut down after it."""
+    root = Path(__file__).resolve().parent.parent
+    script = textwrap.dedent(f"""
+        import functools, json, sys
+        from pathlib import Path
+        import ray
+        from tasks.synthesis.run import synthesize
+        from tests.configs import synth_cfg
+        from tests.test_synthesize import reporting_generator
+        cfg = synth_cfg(Path({str(shared_data)!r}), Path({str(personas_file)!r}), workers=2,
+                        kinds={{"sts": 1, "classification": 1}})
+        before = ray.is_initialized()
+        factory = functools.partial(reporting_generator, Path({str(tmp_path / "held")!r}))
+        res = synthesize(cfg, {str(tmp_path / "synth")!r}, progress=False, generator_factory=factory)
+        print("RESULT " + json.dumps({{"before": before, "after": ray.is_initialized(),
+                                      "workers": res.stats["run"]["workers"]}}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.split("RESULT ", 1)[1]) == {"before": False, "after": False, "workers": 2}
+    actors = _held(tmp_path / "held")
+    assert len(actors) == 2
+    assert all(a["resources"].get("CPU") == 1.0 and a["cluster_cpus"] == 2.0 for a in actors), actors
+    assert len(_files(tmp_path / "synth")) == 8
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from typing import Any, Callable
 
 from tasks.config import SynthConfig
+from tasks.distributed import Placement
 from tasks.synthesis.generators import Generator
 from tasks.synthesis.plan import Passage, Plan
 from tasks.synthesis.shard import synthesize_shard
@@ -64,9 +65,11 @@ def plan_from_row(row: dict[str, Any]) -> Plan:
 
 
 def run_on_ray_data(shards: dict[int, list[Plan]], cfg: SynthConfig, init_args: tuple, *,
-                    on_result: Callable[[int, dict[str, Any]], None], progress: bool = True) -> None:
+                    placement: Placement, on_result: Callable[[int, dict[str, Any]], None],
+                    progress: bool = True) -> None:
     """Synthesise `shards` (index -> plans) with Ray Data: one block per shard, `map_batches` of
-    `SynthShards` on `cfg.workers` actors with `batch_size=shard_size`, so every batch is one whole
+    `SynthShards` on a pool of `placement.actors` actors (no more than there are shards), each
+    with the placement's CPUs and GPUs, and `batch_size=shard_size`, so every batch is one whole
     shard (Ray Data joins blocks smaller than a batch, and only the corpus's last shard is short)
     and its records equal the actor engine's. `on_result(shard, result)` runs in the driver as
     shards stream out; a failure stops the run, losing only the shards still in flight."""
@@ -76,10 +79,10 @@ def run_on_ray_data(shards: dict[int, list[Plan]], cfg: SynthConfig, init_args: 
     rows = {i: [plan_row(p, i) for p in plans] for i, plans in shards.items()}
     schema = pa.Table.from_pylist([r for shard_rows in rows.values() for r in shard_rows]).schema
     ds = ray.data.from_arrow([pa.Table.from_pylist(r, schema=schema) for r in rows.values()])
-    pool = ray.data.ActorPoolStrategy(size=min(cfg.workers, len(rows)))
+    pool = ray.data.ActorPoolStrategy(size=min(placement.actors, len(rows)))
     ds = ds.map_batches(SynthShards, fn_constructor_args=init_args, batch_size=cfg.shard_size,
-                        batch_format="pyarrow", compute=pool, num_cpus=cfg.cpus_per_worker,
-                        num_gpus=cfg.gpus_per_worker)
+                        batch_format="pyarrow", compute=pool, num_cpus=placement.cpus,
+                        num_gpus=placement.gpus)
     ctx = ds.context
     ctx.raise_original_map_exception = True  # a GeneratorError reaches the caller as itself
     ctx.enable_progress_bars = ctx.print_on_execution_start = progress

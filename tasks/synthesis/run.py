@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from tasks.config import SynthConfig
 from tasks.data import atomic_write_text, iter_jsonl, resolve_path, write_jsonl
-from tasks.distributed import ray_session, run_on_actors
+from tasks.distributed import Placement, ray_for, run_on_actors
 from tasks.synthesis.encoders import persona_cache, persona_encoder
 from tasks.synthesis.engines import SynthWorker, run_on_ray_data
 from tasks.synthesis.generators import Generator, Secret, build_generator
@@ -145,14 +145,16 @@ def use_prefill(cfg: SynthConfig) -> bool:
 
 
 def synthesize(cfg: SynthConfig, out_dir: str | Path, *, data_root: str | Path | None = None,
-               ray_address: str | None = None, progress: bool = True,
-               generator_factory: Callable[[], Generator] | None = None,
-               num_cpus: int | None = None) -> SynthResult:
+               placement: Placement | None = None, progress: bool = True,
+               generator_factory: Callable[[], Generator] | None = None) -> SynthResult:
     """Synthesise training pairs from `cfg.passages` into sharded JSONL under `out_dir`.
 
     Relative paths in `cfg` are resolved against `data_root` (default: the working directory).
-    `generator_factory` (a picklable zero-argument callable) replaces the configured backend: it is
-    called once in each Ray worker. Only missing shards are generated."""
+    The shards run on Ray actors as `placement` says (the flow's `place_actors`) on the Ray that
+    is up; with no placement, as `cfg` asks (`workers`, `cpus_per_worker`, `gpus_per_worker`), and
+    with no Ray up on a local instance started for the call (`ray_for`). `generator_factory` (a
+    picklable zero-argument callable) replaces the configured backend: it is called once in each
+    Ray worker. Only missing shards are generated."""
     t0 = time.perf_counter()
     check_config(cfg)
     out_dir = Path(out_dir)
@@ -187,26 +189,26 @@ def synthesize(cfg: SynthConfig, out_dir: str | Path, *, data_root: str | Path |
         write_jsonl(out_dir / rejected_name(i), result["rejected"])
         write_jsonl(out_dir / shard_name(i), result["accepted"])  # last: its presence marks the shard done
 
+    placement = placement or Placement.requested(cfg)
     if missing:
         factory = generator_factory or functools.partial(
             build_generator, cfg.generator, api_key=Secret.from_env(cfg.generator.api_key_env))
         prefill = use_prefill(cfg)
-        threads = max(1, round(cfg.cpus_per_worker))
         shards = {i: plans[i * cfg.shard_size:(i + 1) * cfg.shard_size] for i in missing}
-        with ray_session(ray_address, num_cpus=num_cpus or max(1, math.ceil(cfg.workers * cfg.cpus_per_worker))):
+        with ray_for(placement):
             if cfg.engine == "ray_data":
-                run_on_ray_data(shards, cfg, (factory, threads, cfg, prefill), on_result=write,
-                                progress=progress)
+                run_on_ray_data(shards, cfg, (factory, placement.threads, cfg, prefill), placement=placement,
+                                on_result=write, progress=progress)
             else:
                 tasks = [(i, "run", (i, shard, cfg, prefill)) for i, shard in shards.items()]
-                run_on_actors(SynthWorker, (factory, threads), tasks, workers=cfg.workers,
-                              num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, on_result=write,
-                              progress=progress, desc="synth", total=n_shards)
+                run_on_actors(SynthWorker, (factory, placement.threads), tasks, placement=placement,
+                              on_result=write, progress=progress, desc="synth", total=n_shards)
     seconds = time.perf_counter() - t0
     stats = shard_stats(out_dir, n_shards)
     new_accepted = sum(1 for i in missing for _ in iter_jsonl(out_dir / shard_name(i)))
     stats["run"] = {
-        "workers": cfg.workers, "shards_generated": len(missing), "shards_reused": n_shards - len(missing),
+        "workers": placement.actors, "shards_generated": len(missing),
+        "shards_reused": n_shards - len(missing),
         "reused_from": reused_from,
         "passages_generated": len(todo_plans), "accepted_generated": new_accepted,
         "seconds": round(seconds, 2), "generation_seconds": round(gen_seconds, 2),
