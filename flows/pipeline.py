@@ -300,7 +300,8 @@ def pipeline(preset: str = "smol", overrides: list[str] | None = None, ablation:
             results["reranker"] = evaluation(ctx, "reranker", path, key, final_rr["final"], final_rr["key"])["results"]
 
         summary = _summarise(ctx, results, final_name, models, final_rr, t_start, tags=tags, synth=synth,
-                             overrides=overrides or [], config_files=config_files or [], merged=merged)
+                             filtered=filtered, overrides=overrides or [], config_files=config_files or [],
+                             merged=merged)
         _log_final(ctx, summary, _model_label(models[final_name][0]), final_rr["final"] if final_rr else None)
         status = "FINISHED"
         return summary
@@ -328,7 +329,7 @@ def main_scores(results: dict) -> dict[str, float]:
 
 def _summarise(ctx: Context, results: dict, final_name: str, models: dict, final_rr: dict | None,
                t_start: float, *, tags: dict, synth: dict | None, overrides: list[str],
-               config_files: list[str], merged: dict | None = None) -> dict:
+               config_files: list[str], merged: dict | None = None, filtered: dict | None = None) -> dict:
     """The run's summary.json: everything `q3e report` needs, so a report never asks MLflow."""
     from datetime import datetime, timezone
 
@@ -349,6 +350,7 @@ def _summarise(ctx: Context, results: dict, final_name: str, models: dict, final
                                   for c in merged["checkpoints"]],
                   "relative_spread": merged.get("relative_spread")} if merged else None,
         "synthesis": _read_json(synth["stats"]) if synth else None, "train_pairs": _train_pairs(models),
+        "filter": _read_json(filtered["report"]) if filtered else None,
         "stages": ctx.timings, "wall_s": total, "compute_s": compute,
         "overhead_s": total - compute, "data_md5": ctx.data_md5,
         "tracking_uri": __import__("mlflow").get_tracking_uri(),

@@ -6,10 +6,19 @@ The scoring model is configurable; in the pipeline it is the stage-1 model (pape
 cosine > 0.7 survive, ~12M of ~150M).
 
 Layout of `out_dir` (one output shard per input shard, written atomically, reruns skip done shards):
-  shard-00000.jsonl ...          kept pairs, unchanged but for `meta.filter_score`
+  shard-00000.jsonl ...          kept pairs, unchanged but for `meta.filter_score` and
+                                 `meta.filter_mismatched_score` (see below)
   dropped/dropped-00000.jsonl    the other pairs, with their score (a subfolder: trainers read *.jsonl)
-  report.json                    kept fraction overall / per task kind / per language, score quantiles
+  report.json                    kept fraction overall / per task kind / per language, score quantiles,
+                                 and the same for mismatched pairs
   scores.png                     histogram of the scores per task kind with the threshold line
+                                 (and the mismatched pairs' scores as an outline)
+
+Does the threshold mean anything for this scorer? Each query is also scored against the document of
+the next pair of its shard (a mismatched pair, `filter_mismatched_score`). A scorer whose cosines
+sit in a narrow band (an anisotropic model, e.g. a stage-1 model after few steps) passes mismatched
+pairs as readily as real ones: then the filter keeps nearly everything and removes no bad pair.
+The report says so (`mismatched.kept_fraction`, a warning when more than half of them pass).
   manifest.json                  scorer, threshold and input shard hashes; other settings are refused
 """
 
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections import defaultdict
@@ -32,10 +42,29 @@ from tasks.distributed import Placement, ray_for, run_on_actors
 from tasks.models.specs import encoder_id, load_encoder
 
 HISTOGRAM = "scores.png"
+log = logging.getLogger(__name__)
+
+
+MISMATCHED_WARN = 0.5  # warn when more than this share of mismatched pairs passes the threshold
 
 
 def score_pairs(encoder, records: Sequence[dict[str, Any]], *, batch_size: int = 32) -> np.ndarray:
-    """cos(query, document) of each ms-swift record (`query`, `response`, `instruction`?, `symmetric`?).
+    """cos(query, document) of each ms-swift record (`query`, `response`, `instruction`?, `symmetric`?)."""
+    q, d = pair_embeddings(encoder, records, batch_size=batch_size)
+    return (q * d).sum(axis=1)
+
+
+def mismatched_scores(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """cos(query i, document of record i+1) (cyclic): how a pair scores when query and document do
+    not belong together. NaN when there is only one record."""
+    if len(q) < 2:
+        return np.full(len(q), np.nan, dtype=np.float32)
+    return (q * np.roll(d, -1, axis=0)).sum(axis=1)
+
+
+def pair_embeddings(encoder, records: Sequence[dict[str, Any]], *,
+                    batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(query embeddings, document embeddings) of the records, unit length, in record order.
     Texts are grouped by instruction so each group is one batched, length-sorted `encode` call."""
     n = len(records)
     q = np.zeros((n, 0), dtype=np.float32)
@@ -52,7 +81,7 @@ def score_pairs(encoder, records: Sequence[dict[str, Any]], *, batch_size: int =
             q = np.zeros((n, qe.shape[1]), dtype=np.float32)
             d = np.zeros((n, de.shape[1]), dtype=np.float32)
         q[idx], d[idx] = qe, de
-    return (q * d).sum(axis=1) if n else np.zeros(0, dtype=np.float32)
+    return q, d
 
 
 class FilterWorker:
@@ -65,8 +94,10 @@ class FilterWorker:
         self.encoder = factory() if factory is not None else load_encoder(spec)
         self.batch_size = batch_size
 
-    def score(self, records: list[dict[str, Any]]) -> list[float]:
-        return [float(s) for s in score_pairs(self.encoder, records, batch_size=self.batch_size)]
+    def score(self, records: list[dict[str, Any]]) -> list[tuple[float, float]]:
+        """(score, mismatched score) of each record."""
+        q, d = pair_embeddings(self.encoder, records, batch_size=self.batch_size)
+        return [(float(s), float(m)) for s, m in zip((q * d).sum(axis=1), mismatched_scores(q, d))]
 
 
 @dataclass
@@ -116,11 +147,12 @@ def filter_pairs(cfg: FilterConfig, pairs_dir: str | Path, out_dir: str | Path, 
     _check_manifest(out_dir, settings, hashes)
     missing = [p for p in inputs if not (out_dir / p.name).is_file()]
 
-    def write(path: Path, scores: list[float]) -> None:
+    def write(path: Path, scores: list[tuple[float, float]]) -> None:
         records = _read_shard(path)
         kept, dropped = [], []
-        for rec, s in zip(records, scores):
-            rec = dict(rec, meta=dict(rec.get("meta") or {}, filter_score=s))
+        for rec, (s, m) in zip(records, scores):
+            extra = {"filter_score": s} | ({"filter_mismatched_score": m} if m == m else {})  # not NaN
+            rec = dict(rec, meta=dict(rec.get("meta") or {}, **extra))
             (kept if s > cfg.threshold else dropped).append(rec)
         write_jsonl(out_dir / "dropped" / f"dropped-{path.name.removeprefix('shard-')}", dropped)
         write_jsonl(out_dir / path.name, kept)  # last: its presence marks the shard done
@@ -140,6 +172,8 @@ def filter_pairs(cfg: FilterConfig, pairs_dir: str | Path, out_dir: str | Path, 
                      "shards_reused": len(inputs) - len(missing),
                      "seconds": round(time.perf_counter() - t0, 2)}
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if report.get("warning"):
+        log.warning("filter: %s", report["warning"])
     if progress:
         print_report(report, title=f"filter -> {out_dir}")
     return FilterResult(out_dir, [out_dir / p.name for p in inputs], report, hist)
@@ -180,14 +214,33 @@ def filter_report(out_dir: Path, names: Sequence[str], threshold: float, embedde
         return {k: {"total": t, "kept": n, "kept_fraction": round(n / t, 4)} for k, (t, n) in sorted(g.items())}
 
     kept = sum(k for _, k in rows)
-    qs = {"min": 0.0, "p05": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "max": 1.0}
-    return {
+    report = {
         "embedder": embedder, "threshold": threshold, "total": len(rows), "kept": kept,
         "kept_fraction": round(kept / len(rows), 4) if rows else 0.0,
         "by_task": group("task"), "by_language": group("language"),
-        "score_quantiles": ({k: round(float(np.quantile(scores, q)), 4) for k, q in qs.items()}
-                            | {"mean": round(float(scores.mean()), 4)}) if len(scores) else {},
+        "score_quantiles": _quantiles(scores),
     }
+    mismatched = np.array([m["filter_mismatched_score"] for m, _ in rows if "filter_mismatched_score" in m],
+                          dtype=np.float64)
+    if len(mismatched):  # absent from shards scored by an older version, and from one-pair inputs
+        share = float((mismatched > threshold).mean())
+        report["mismatched"] = {"total": len(mismatched), "kept_fraction": round(share, 4),
+                                "score_quantiles": _quantiles(mismatched)}
+        if share > MISMATCHED_WARN:
+            report["warning"] = (
+                f"the scorer {embedder} passes {100 * share:.0f} % of mismatched pairs (each query with another "
+                f"pair's document) at threshold {threshold:g}, against {100 * report['kept_fraction']:.0f} % of "
+                f"the real pairs: its cosines do not separate good pairs from bad, so this filter removes "
+                f"little that is wrong. Use a scorer whose cosines spread (filter.embedder, e.g. "
+                f"bundled:all-minilm-l6-v2) or a higher filter.threshold.")
+    return report
+
+
+def _quantiles(x: np.ndarray) -> dict[str, float]:
+    qs = {"min": 0.0, "p05": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "max": 1.0}
+    if not len(x):
+        return {}
+    return {k: round(float(np.quantile(x, q)), 4) for k, q in qs.items()} | {"mean": round(float(x.mean()), 4)}
 
 
 def plot_histogram(out_dir: Path, names: Sequence[str], threshold: float, path: Path) -> Path:
@@ -199,14 +252,19 @@ def plot_histogram(out_dir: Path, names: Sequence[str], threshold: float, path: 
     by_task: dict[str, list[float]] = defaultdict(list)
     for m, _ in _scored(out_dir, names):
         by_task[str(m.get("task", "unknown"))].append(m["filter_score"])
+    mismatched = [m["filter_mismatched_score"] for m, _ in _scored(out_dir, names) if "filter_mismatched_score" in m]
     fig, ax = plt.subplots(figsize=(7, 4))
     all_scores = [s for v in by_task.values() for s in v]
     if all_scores:
-        lo = min(min(all_scores), threshold) - 0.05
-        hi = max(max(all_scores), threshold) + 0.05
+        lo = min(min(all_scores + mismatched), threshold) - 0.05
+        hi = max(max(all_scores + mismatched), threshold) + 0.05
         tasks = sorted(by_task)
-        ax.hist([by_task[t] for t in tasks], bins=np.linspace(lo, hi, 41), stacked=True, label=tasks)
-        ax.legend(title="task")
+        bins = np.linspace(lo, hi, 41)
+        ax.hist([by_task[t] for t in tasks], bins=bins, stacked=True, label=tasks)
+        if mismatched:
+            ax.hist(mismatched, bins=bins, histtype="step", color="black", linewidth=1.2,
+                    label="mismatched pairs (query, another pair's document)")
+        ax.legend(title="task", fontsize=8)
     ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:g}")
     kept = sum(s > threshold for s in all_scores)
     ax.set_title(f"cos(query, document): {kept}/{len(all_scores)} kept (> {threshold:g})")
@@ -235,5 +293,8 @@ def print_report(report: dict[str, Any], *, title: str) -> None:
     q = report.get("score_quantiles") or {}
     if q:
         t.add_row("score p05 / p50 / p95", "", f"{q['p05']:.3f} / {q['p50']:.3f} / {q['p95']:.3f}")
+    mm = report.get("mismatched")
+    if mm:
+        t.add_row("mismatched pairs that would pass", "", f"{100 * mm['kept_fraction']:.1f}%")
     t.add_row("threshold", "", f"{report['threshold']:g}")
     Console().print(t)

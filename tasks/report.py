@@ -258,7 +258,26 @@ def synthesis_markdown(summary: dict) -> str | None:
     for key, counts in stats.items():
         if key.startswith("by_") and isinstance(counts, dict) and counts:
             parts.append(_breakdown_table(key, counts))
+    note = filter_note(summary.get("filter"))
+    if note:
+        parts.append(note)
     return "\n\n".join(parts)
+
+
+def filter_note(rep: dict | None) -> str | None:
+    """One paragraph on the filter: what it kept, and whether its scorer separates real pairs from
+    mismatched ones (tasks/filter.py)."""
+    if not rep:
+        return None
+    text = (f"Filter: cos > {rep['threshold']:g} scored by `{rep['embedder']}` kept {rep['kept']} of "
+            f"{rep['total']} pairs ({100 * rep['kept_fraction']:.1f}%)")
+    mm = rep.get("mismatched")
+    if mm:
+        text += f"; of mismatched pairs (a query with another pair's document) {100 * mm['kept_fraction']:.1f}% would pass"
+    text += "."
+    if rep.get("warning"):
+        text += f" **Warning**: {rep['warning']}"
+    return text
 
 
 # ----------------------------------------------------------------------------- the reports

@@ -77,12 +77,23 @@ def test_filter_keeps_exactly_the_pairs_above_threshold(ray_session, micro_cfg, 
                for line in f.read_text().splitlines()]
     assert len(kept) + len(dropped) == len(recs)
     by_key = {(r["query"], r["response"]): r for r in kept + dropped}
+    shards = [[json.loads(line) for line in f.read_text().splitlines()] for f in sorted(pairs_dir.glob("shard-*.jsonl"))]
     for rec, score in zip(recs, expected):
         got = by_key[(rec["query"], rec["response"])]
         assert got["meta"]["filter_score"] == pytest.approx(score, abs=1e-4)
         assert (got in kept) == (score > threshold)
         assert {k: v for k, v in got.items() if k != "meta"} == {k: v for k, v in rec.items() if k != "meta"}
-        assert {k: v for k, v in got["meta"].items() if k != "filter_score"} == rec["meta"]
+        assert {k: v for k, v in got["meta"].items()
+                if k not in ("filter_score", "filter_mismatched_score")} == rec["meta"]
+    for shard in shards:  # the mismatched score: the query against the next record's document (cyclic)
+        for i, rec in enumerate(shard):
+            nxt = shard[(i + 1) % len(shard)]
+            ins = rec.get("instruction")
+            q = micro_embedder.encode([rec["query"]], instruction=ins, is_query=True)[0]
+            d = micro_embedder.encode([nxt["response"]], instruction=nxt.get("instruction") if nxt.get("symmetric")
+                                      else None)[0]
+            got = by_key[(rec["query"], rec["response"])]["meta"]["filter_mismatched_score"]
+            assert got == pytest.approx(float(q @ d), abs=1e-4)
     assert [p.name for p in res.shards] == ["shard-00000.jsonl", "shard-00001.jsonl"]
 
     report = json.loads((tmp_path / "filtered" / "report.json").read_text())
@@ -157,6 +168,29 @@ def test_sentence_transformer_scorer_ranks_positives_above_negatives(shared_data
     scores = score_pairs(load_encoder("bundled:all-minilm-l6-v2"), recs, batch_size=8)
     pos, neg = scores[0::2], scores[1::2]  # (query, positive), (query, hard negative) alternate
     assert np.all(np.abs(scores) <= 1 + 1e-5) and pos.mean() > neg.mean()
+
+
+def test_the_report_says_when_the_scorer_cannot_tell_real_pairs_from_mismatched_ones(ray_session, micro_cfg,
+                                                                                    pairs_dir, tmp_path):
+    """MiniLM separates real pairs from mismatched ones (a query with another pair's document); the
+    untrained micro model, whose cosines sit in a narrow band, passes mismatched pairs as readily as
+    real ones at a threshold that keeps most pairs, and the report says so."""
+    minilm = filter_pairs(FilterConfig(threshold=0.5, workers=1, batch_size=8), pairs_dir, tmp_path / "minilm",
+                          embedder="bundled:all-minilm-l6-v2", progress=False).report
+    assert minilm["mismatched"]["total"] == minilm["total"]
+    assert minilm["mismatched"]["kept_fraction"] < 0.2 < minilm["kept_fraction"]
+    assert minilm["mismatched"]["score_quantiles"]["p50"] < minilm["score_quantiles"]["p50"]
+    assert "warning" not in minilm
+
+    scores = np.sort(score_pairs(__import__("tasks.models", fromlist=["Embedder"]).Embedder.load(
+        micro_cfg.model, device="cpu"), [json.loads(x) for f in sorted(pairs_dir.glob("shard-*.jsonl"))
+                                         for x in f.read_text().splitlines()]))
+    low = float(scores[1]) - 1e-6  # keeps all but the lowest-scored pair
+    micro = filter_pairs(FilterConfig(threshold=low, workers=1, batch_size=8), pairs_dir, tmp_path / "micro",
+                         embedder=micro_cfg.model, progress=False).report
+    assert micro["mismatched"]["kept_fraction"] > 0.5
+    assert "passes" in micro["warning"] and "mismatched pairs" in micro["warning"]
+    assert json.loads((tmp_path / "micro" / "report.json").read_text())["warning"] == micro["warning"]
 
 
 def test_one_spec_loader_for_filter_and_evaluation_and_no_instruction_for_sentence_transformers():

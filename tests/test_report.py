@@ -136,6 +136,20 @@ def test_synthesis_and_wall_time_sections():
     assert "### Synthesis" not in report.run_report(no_synth)
 
 
+def test_the_synthesis_section_says_what_the_filter_kept_and_whether_its_scorer_separates_pairs():
+    s = make_summary()
+    assert "Filter:" not in report.run_report(s)  # no filter in the run
+    s["filter"] = {"embedder": "runs/stage1/final", "threshold": 0.7, "total": 305, "kept": 304,
+                   "kept_fraction": 0.9967, "mismatched": {"total": 305, "kept_fraction": 0.9836},
+                   "warning": "the scorer runs/stage1/final passes 98 % of mismatched pairs"}
+    md = report.run_report(s)
+    assert ("Filter: cos > 0.7 scored by `runs/stage1/final` kept 304 of 305 pairs (99.7%); of mismatched "
+            "pairs (a query with another pair's document) 98.4% would pass.") in md
+    assert "**Warning**: the scorer runs/stage1/final passes 98 % of mismatched pairs" in md
+    del s["filter"]["warning"], s["filter"]["mismatched"]  # an older report: no mismatched pairs
+    assert "kept 304 of 305 pairs (99.7%).\n" in report.run_report(s)
+
+
 def test_seeds_table_gives_mean_and_std_over_runs():
     runs = [make_summary(f"run{i}", seed=i, shift=d) for i, d in enumerate([0.0, 0.01, 0.05])]
     stats = report.seed_statistics(runs)
@@ -238,6 +252,10 @@ def test_pipeline_summary_logs_checks_to_mlflow_and_reports(tmp_path, monkeypatc
     stats = tmp_path / "synthetic" / "stats.json"
     stats.parent.mkdir()
     stats.write_text(json.dumps(make_summary()["synthesis"]))
+    filter_report = tmp_path / "filtered" / "report.json"
+    filter_report.parent.mkdir()
+    filter_report.write_text(json.dumps({"embedder": "e", "threshold": 0.7, "total": 4, "kept": 2,
+                                         "kept_fraction": 0.5}))
     stage1 = tmp_path / "stage1" / "final"
     stage1.mkdir(parents=True)
     (stage1 / "train_summary.json").write_text(json.dumps({"steps": 16, "pairs": 4}))
@@ -250,10 +268,11 @@ def test_pipeline_summary_logs_checks_to_mlflow_and_reports(tmp_path, monkeypatc
               "merged": ("m", "km")}
     summary = _summarise(ctx, results, "merged", models, {"final": "rr", "key": "kr"}, 0.0, tags=tags,
                          synth={"stats": str(stats), "n_accepted": 4}, overrides=["stage2.seed=3"],
-                         config_files=[])
+                         config_files=[], filtered={"report": str(filter_report)})
     assert {k: summary[k] for k in tags} == tags
     assert summary["seeds"]["stage2.seed"] == 3 and summary["train_pairs"] == {"stage1": 4}
     assert summary["synthesis"]["by_kind"]["retrieval"] == {"accepted": 3, "rejected": 9}
+    assert summary["filter"]["kept"] == 2
     _log_final(ctx, summary, "micro", None)  # the backbone is "final": no model to log
 
     metrics = client.get_run(pid).data.metrics
