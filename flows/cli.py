@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
 
 app = typer.Typer(
@@ -202,8 +203,14 @@ def export_cmd(
 
 @app.command("eval")
 def eval_cmd(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="embedding model: a saved model folder, micro, bundled:smollm2, "
                                           "bundled:all-minilm-l6-v2, st:<SentenceTransformer path> or a hub name"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="evaluate as `q3e run --preset NAME` "
+                                         "does: that preset's eval sets, symmetric sets, rerank_top_k and batch "
+                                         "size (a task flag below replaces its sets; a flag given wins)"),
+    files: Optional[List[Path]] = typer.Option(None, "--config", "-c", help="extra YAML overlay files for "
+                                               "--preset, applied in order"),
     benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b",
                                             help="mteb benchmark, e.g. 'MTEB(eng, v2)', 'MTEB(cmn, v1)', "
                                                  "'MTEB(Multilingual)', 'MTEB(Code)' (needs the hub for data)"),
@@ -214,6 +221,9 @@ def eval_cmd(
                                              "'s1<TAB>s2<TAB>score' or JSONL {sentence1, sentence2, score}"),
     pairclf: Optional[List[Path]] = typer.Option(None, "--pairclf", help="labelled pairs 's1<TAB>s2<TAB>0|1' or "
                                                  "JSONL {sentence1, sentence2, label} (repeatable)"),
+    symmetric: Optional[List[str]] = typer.Option(None, "--symmetric", help="a local retrieval set that is a "
+                                                  "symmetric task (STS laid out as retrieval, e.g. stsb-en-dev): "
+                                                  "its documents get the query's instruction too (repeatable)"),
     reranker: Optional[str] = typer.Option(None, "--reranker", help="rerank the embedding model's top-k of every "
                                            "retrieval task with this reranker (saved folder, micro, ...)"),
     rerank_top_k: int = typer.Option(_default("eval.rerank_top_k"), "--rerank-top-k",
@@ -233,7 +243,9 @@ def eval_cmd(
     """Evaluate an embedding model (and optionally a reranker on its top-k) with mteb; print each task's main score.
 
     Main scores: nDCG@10 (retrieval), Spearman of cosine (STS), max AP (pair classification).
-    Example: q3e eval micro --task-dir data/beir/nq-msmarco-hardneg --max-queries 5 --max-corpus 50
+    Examples: q3e eval micro --task-dir data/beir/nq-msmarco-hardneg --max-queries 5 --max-corpus 50;
+    q3e eval runs/artifacts/merge/<key>/model --preset smol --reranker runs/artifacts/reranker-merge/<key>/model
+    (the default run's evaluation of that model, reranking included)
     """
     from tasks.data import DataError
     from tasks.config import EvalConfig
@@ -242,14 +254,33 @@ def eval_cmd(
 
     _setup_logging()
     logging.getLogger("mteb").setLevel(logging.WARNING)  # one INFO line per phase per task otherwise
-    if not (benchmark or task or task_dir or sts or pairclf):
-        raise _fail(ValueError("nothing to evaluate: give --benchmark, --task, --task-dir, --sts or --pairclf"))
+    named = bool(benchmark or task or task_dir or sts or pairclf)
+    if not (named or preset):
+        raise _fail(ValueError("nothing to evaluate: give --preset, --benchmark, --task, --task-dir, --sts or "
+                               "--pairclf"))
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
+
     try:
-        # the flags name every task set (none of conf's eval sets is added); the rest is conf/base.yaml's
-        cfg = EvalConfig(benchmark=benchmark, tasks=task or [], task_dirs=[str(p) for p in task_dir or []],
-                         sts=[str(p) for p in sts or []], pairclf=[str(p) for p in pairclf or []],
-                         rerank_top_k=rerank_top_k, batch_size=batch_size, max_queries=max_queries,
-                         max_corpus=max_corpus, max_pairs=max_pairs)
+        # the flags name every task set (none of conf's eval sets is added); the rest is conf/base.yaml's,
+        # or with --preset that preset's eval section
+        fields = dict(benchmark=benchmark, tasks=task or [], task_dirs=[str(p) for p in task_dir or []],
+                      sts=[str(p) for p in sts or []], pairclf=[str(p) for p in pairclf or []],
+                      rerank_top_k=rerank_top_k, batch_size=batch_size, max_queries=max_queries,
+                      max_corpus=max_corpus, max_pairs=max_pairs, symmetric=list(symmetric or []))
+        if preset:
+            base = _config(preset, None, files).eval.model_dump()
+            keep = {"benchmark", "tasks", "task_dirs", "sts", "pairclf", "symmetric"} if not named else set()
+            keep |= {k for k in ("rerank_top_k", "batch_size", "max_queries", "max_corpus", "max_pairs")
+                     if not given(k)}
+            if symmetric:
+                keep.discard("symmetric")
+            fields = {k: (base[k] if k in keep else v) for k, v in fields.items()}
+            if named and not symmetric:  # the preset's symmetric sets, where the named sets include them
+                fields["symmetric"] = [n for n in base["symmetric"]
+                                       if any(Path(d).name == n for d in fields["task_dirs"])]
+        cfg = EvalConfig(**fields)
         results = evaluate_model(model, cfg, reranker=reranker, dim=dim, out=out, prompts=prompts,
                                  mlflow_run_id=mlflow_run_id, show=False)
     except (DataError, ModelLoadError, ValueError, FileNotFoundError) as e:  # ValueError: also a bad flag

@@ -177,9 +177,35 @@ def test_the_defaults_are_read_from_base_yaml(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     defaults = json.loads(proc.stdout)
     assert {n: d["preset"] for n, d in defaults.items() if "preset" in d} == \
-        {n: "micro" for n in ("config", "train", "synth", "filter", "run", "ablate", "retrain", "schedule")}
+        {n: "micro" for n in ("config", "train", "synth", "filter", "run", "ablate", "retrain", "schedule")} | \
+        {"eval": "None"}  # eval: no preset unless given (the flags name the sets)
     assert (defaults["eval"]["batch_size"], defaults["eval"]["rerank_top_k"]) == ("48", "7")
     for name in ("rerun", "lineage", "compare", "report"):
         assert defaults[name]["run_dir"] == "elsewhere", name
     for name in ("rerun", "lineage", "compare"):
         assert defaults[name]["experiment"] == "other-experiment", name
+
+
+def test_eval_with_a_preset_scores_that_presets_sets_and_symmetric_ones_get_the_instruction(capsys, tmp_path):
+    """`q3e eval MODEL --preset smol` evaluates what `q3e run --preset smol` evaluates (its two sets,
+    STS-B dev symmetric); `--symmetric` gives a set's documents the query's instruction, which changes
+    its score; a name that is no task of the evaluation is one error line."""
+    small = ["--max-queries", "5", "--max-corpus", "40"]
+    code, out, err = q3e(capsys, "eval", "micro", "--preset", "smol", *small, "-o", str(tmp_path / "p.json"))
+    assert code == 0, err
+    preset_scores = {line.split()[0]: float(line.split()[-1]) for line in out.splitlines()}
+    assert set(preset_scores) == {"nq-msmarco-hardneg", "stsb-en-dev"}
+
+    stsb = str(ROOT / "data" / "beir" / "stsb-en-dev")
+    runs = {}
+    for extra in ([], ["--symmetric", "stsb-en-dev"]):
+        code, out, err = q3e(capsys, "eval", "micro", "--task-dir", stsb, *small, *extra,
+                             "-o", str(tmp_path / f"s{len(extra)}.json"))
+        assert code == 0, err
+        runs[bool(extra)] = float(out.split()[-1])
+    assert runs[True] != runs[False]
+    assert runs[True] == preset_scores["stsb-en-dev"]  # the preset names stsb-en-dev symmetric
+
+    code, out, err = q3e(capsys, "eval", "micro", "--task-dir", stsb, *small, "--symmetric", "nosuch")
+    assert code == 1 and out == ""
+    assert err.strip() == "error: eval.symmetric names no task of this evaluation: nosuch (tasks: stsb-en-dev)"
