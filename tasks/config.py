@@ -174,8 +174,11 @@ class TrainConfig(Strict):
     batch_size: int = Field(gt=0)
     grad_accum: int = Field(gt=0)
     mini_batch_size: int | None = Field(gt=0, description="GradCache chunk size: bounds memory to one chunk; null = no caching")
+    length_bucket: int = Field(gt=0, description="texts per forward pass when a batch is split by token count "
+                                                  "(reranker: examples, when mini_batch_size is null)")
     lr: float = Field(gt=0)
     weight_decay: float = Field(ge=0)
+    adam_betas: tuple[float, float] = Field(description="AdamW's (beta1, beta2), each in [0, 1)")
     warmup_ratio: float = Field(ge=0, le=1)
     min_lr_ratio: float = Field(ge=0, le=1)
     max_grad_norm: float | None = Field(gt=0)
@@ -189,6 +192,13 @@ class TrainConfig(Strict):
     two_token: bool = Field(description="reranker: softmax over yes/no only instead of the vocabulary")
     resources: Resources
     distributed: DistributedConfig
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_below_one(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"AdamW betas must be in [0, 1), got {list(v)}")
+        return v
 
     @model_validator(mode="after")
     def _batch_fills_workers(self) -> "TrainConfig":

@@ -113,6 +113,11 @@ def log_history(run_id: str, history: list[dict], prefix: str = "train/") -> Non
         client.log_batch(run_id, metrics=part)
 
 
+def log_artifacts(run_id: str, folder: Path, artifact_path: str) -> None:
+    """The files of `folder` as the run's artifacts under `artifact_path/` (e.g. a trained `final/`)."""
+    __import__("mlflow").MlflowClient().log_artifacts(run_id, str(folder), artifact_path=artifact_path)
+
+
 def log_eval_results(run_id: str, results: dict[str, dict[str, float]],
                      result_file: Path | None = None) -> None:
     """Log `eval/<task>/<metric>` of `evaluate_model`'s results (and the result JSON under `eval/`)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from tasks.config import ConfigError, DataSource, load_config
 from tasks.data import Pair, load_sources
 from tasks.stages import train_resources
-from tasks.training import embedding_batch, embedding_step, list_checkpoints, reranker_step, steps, train
+from tasks.training import embedding_batch, embedding_step, list_checkpoints, reranker_step, train
 from tasks.training.engines import DDPEngine, DeepSpeedEngine, DeepSpeedUnavailable, deepspeed_config, gather_with_grad
 
 WORLD = 2
@@ -206,9 +206,8 @@ def _recorded_shard_step(rank, model, batch, cfg):
 
 
 def test_workers_encode_in_length_buckets_with_positives_and_negatives_in_one_pass_group(
-        micro_cfg, micro_embedder, uneven_pairs, monkeypatch):
-    monkeypatch.setattr(steps, "LENGTH_BUCKET", 3)  # the forked workers inherit it
-    cfg = micro_cfg.stage2.model_copy(update={"hard_negatives": 2})
+        micro_cfg, micro_embedder, uneven_pairs):
+    cfg = micro_cfg.stage2.model_copy(update={"hard_negatives": 2, "length_bucket": 3})
     batch = embedding_batch(uneven_pairs, cfg.hard_negatives, cfg.seed, 0)
     reference = copy.deepcopy(micro_embedder).train()
     reference.zero_grad(set_to_none=True)
@@ -332,7 +331,7 @@ def test_ray_train_two_workers_match_one_process_and_resume_after_a_worker_failu
     # both workers stop after step 2 (its checkpoint written) as if they had crashed; Ray Train
     # restarts the worker group, which resumes from checkpoints/step-000002 and finishes step 3
     res = train_distributed(dcfg, micro_cfg.model, tmp_path / "dist", pairs=snli_pairs, stop_after=2,
-                            mlflow_run_id=run_id, tracking_uri=uri)
+                            mlflow_run_id=run_id)
     assert res.resumed_from == 2 and not res.skipped
 
     # the same batches, schedule and loss as the single process
@@ -356,9 +355,12 @@ def test_ray_train_two_workers_match_one_process_and_resume_after_a_worker_failu
     assert summary["resumed_from"] == 2 and summary["steps"] == 3
     assert train(dcfg, micro_cfg.model, out, pairs=snli_pairs).skipped  # done: no workers started
 
-    # rank 0 logged the steps and the final model to MLflow
+    # the driver logged the steps (each once, though the first worker group ran steps 1-2) and the
+    # final model to MLflow
     client = mlflow.MlflowClient()
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
+    losses = [m.value for m in client.get_metric_history(run_id, "train/loss")]
+    assert losses == [h["loss"] for h in res.history]
     assert "model.safetensors" in {os.path.basename(a.path) for a in client.list_artifacts(run_id, "final")}
 
 

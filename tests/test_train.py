@@ -231,3 +231,15 @@ def test_reranker_length_buckets_give_the_one_pass_loss_and_gradients(micro_cfg,
     (l0, t0, g0), (l4, t4, g4) = results
     assert abs(l4 - l0) < 1e-5 and t4 == t0  # the same loss over the same real tokens
     torch.testing.assert_close(g4, g0, rtol=1e-4, atol=1e-5)
+
+
+def test_adam_betas_come_from_the_config(micro_cfg):
+    from tasks.config import ConfigError, load_config
+    from tasks.training.engines import build_optimizer
+
+    cfg = micro_cfg.stage2.model_copy(update={"adam_betas": (0.8, 0.95)})
+    _, optimizer, _ = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    assert [g["betas"] for g in optimizer.param_groups] == [(0.8, 0.95)] * 2
+    assert load_config("micro", ["reranker.adam_betas=[0.9, 0.95]"]).reranker.adam_betas == (0.9, 0.95)
+    with pytest.raises(ConfigError, match="adam_betas"):
+        load_config("micro", ["stage1.adam_betas=[0.9, 1.0]"])

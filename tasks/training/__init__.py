@@ -22,11 +22,11 @@ from tasks.training.engines import lr_lambda
 from tasks.training.loop import TrainingInterrupted, TrainResult, train_local
 from tasks.training.ray_train import train_distributed
 from tasks.training.steps import (
-    LENGTH_BUCKET, EmbeddingBatch, batch_indices, embed_by_length, embedding_batch, embedding_step, reranker_step,
+    EmbeddingBatch, batch_indices, embed_by_length, embedding_batch, embedding_step, reranker_step,
 )
 
 __all__ = [
-    "LENGTH_BUCKET", "CheckpointError", "EmbeddingBatch", "TrainResult", "TrainingInterrupted", "batch_indices",
+    "CheckpointError", "EmbeddingBatch", "TrainResult", "TrainingInterrupted", "batch_indices",
     "embed_by_length", "embedding_batch", "embedding_step", "list_checkpoints", "lr_lambda", "reranker_step",
     "train", "train_distributed",
 ]
