@@ -99,6 +99,20 @@ def _config(preset: str, overrides: Optional[List[str]], files: Optional[List[Pa
     return cfg
 
 
+def _data_ready(cfg) -> None:
+    """On a fresh clone `data/` is not there yet: restore it the way `q3e run` does (dvc pull, else the
+    bundled source, then the derived sets), so a preset's data paths resolve."""
+    if (Path.cwd() / cfg.data.dir).exists():
+        return
+    from tasks.lineage import LineageError, ensure_config_data
+
+    try:
+        version = ensure_config_data(Path.cwd(), cfg)
+    except LineageError as e:
+        raise _fail(e) from None
+    typer.echo(f"data: restored {cfg.data.dir}/ (version {version[:10]})", err=True)
+
+
 def _fail(e: Exception) -> typer.Exit:
     typer.secho(f"error: {e}", fg="red", err=True)
     return typer.Exit(1)
@@ -134,6 +148,8 @@ def train_cmd(
     cfg = _config(preset, overrides, files)
     if stage not in ("stage1", "stage2", "reranker"):
         raise _fail(ValueError(f"--stage must be stage1, stage2 or reranker, got {stage!r}"))
+    if not data:
+        _data_ready(cfg)
     tcfg = getattr(cfg, stage)
     if data:
         tcfg = tcfg.model_copy(update={"data": [DataSource(path=d) for d in data]})
@@ -270,7 +286,10 @@ def eval_cmd(
                       rerank_top_k=rerank_top_k, batch_size=batch_size, max_queries=max_queries,
                       max_corpus=max_corpus, max_pairs=max_pairs, symmetric=list(symmetric or []))
         if preset:
-            base = _config(preset, None, files).eval.model_dump()
+            pcfg = _config(preset, None, files)
+            base = pcfg.eval.model_dump()
+            if not named:
+                _data_ready(pcfg)
             keep = {"benchmark", "tasks", "task_dirs", "sts", "pairclf", "symmetric"} if not named else set()
             keep |= {k for k in ("rerank_top_k", "batch_size", "max_queries", "max_corpus", "max_pairs")
                      if not given(k)}
@@ -322,6 +341,8 @@ def synth_cmd(
 
     _setup_logging()
     cfg = _config(preset, overrides, files)
+    if not passages:
+        _data_ready(cfg)
     update = {k: v for k, v in {"passages": [str(p) for p in passages] if passages else None,
                                 "personas": str(personas) if personas else None,
                                 "num_passages": num_passages, "workers": workers}.items() if v is not None}

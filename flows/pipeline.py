@@ -252,8 +252,7 @@ def pipeline(preset: str = "smol", overrides: list[str] | None = None, ablation:
     run_dir = root / cfg.run_dir
     logger = _logger()
 
-    data_md5 = lineage.ensure_data(root, cfg.data.dir, source=_resolve(root, cfg.data.source),
-                                   include=cfg.data.include, remote=cfg.infra.dvc_remote, derived=cfg.data.derived)
+    data_md5 = lineage.ensure_config_data(root, cfg)
     experiment_id = tracking.setup(run_dir, cfg.infra.mlflow_experiment, cfg.infra.mlflow_tracking_uri)
     init_ray(cfg.infra.ray_address, cfg.infra.ray_num_cpus)
 
@@ -307,13 +306,6 @@ def pipeline(preset: str = "smol", overrides: list[str] | None = None, ablation:
         return summary
     finally:
         client.set_terminated(pid, status=status)
-
-
-def _resolve(root: Path, p: str | None) -> Path | None:
-    if p is None:
-        return None
-    path = Path(p).expanduser()
-    return path if path.is_absolute() else (root / path).resolve()
 
 
 def main_scores(results: dict) -> dict[str, float]:

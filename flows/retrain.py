@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.pipeline import _logger, _resolve, pipeline
+from flows.pipeline import _logger, pipeline
 from tasks import lineage, tracking
 from tasks.config import load_config
 
@@ -57,8 +57,7 @@ def retrain(preset: str = "smol", overrides: list[str] | None = None, config_fil
     cfg = load_config(preset, overrides or [], files=config_files or [])
     rc = cfg.retrain
     root = Path(project_dir).resolve()
-    data_md5 = lineage.ensure_data(root, cfg.data.dir, source=_resolve(root, cfg.data.source),
-                                   include=cfg.data.include, remote=cfg.infra.dvc_remote, derived=cfg.data.derived)
+    data_md5 = lineage.ensure_config_data(root, cfg)
     tracking.setup(root / cfg.run_dir, cfg.infra.mlflow_experiment, cfg.infra.mlflow_tracking_uri)
     current = champion(rc.registered_model, rc.alias)
     if current and current["data_md5"] == data_md5 and current["config_hash"] == cfg.digest():

@@ -160,6 +160,18 @@ def ensure_data(root: str | Path, data_dir: str = "data", *, source: str | Path 
     return version
 
 
+def ensure_config_data(root: str | Path, cfg) -> str:
+    """`ensure_data` with a loaded config's `data` section and DVC remote (a relative `data.source`
+    is relative to `root`): what `q3e run` does first, and `q3e train/synth/eval --preset` on a fresh
+    clone where `data/` is not there yet."""
+    root = Path(root).resolve()
+    source = Path(cfg.data.source).expanduser() if cfg.data.source else None
+    if source is not None and not source.is_absolute():
+        source = (root / source).resolve()
+    return ensure_data(root, cfg.data.dir, source=source, include=cfg.data.include,
+                       remote=cfg.infra.dvc_remote, derived=cfg.data.derived)
+
+
 def track_dataset(root: str | Path, path: str | Path, remote: str | None = None) -> str:
     """Version a generated data set folder with DVC (`dvc add` + push); returns its md5."""
     root = Path(root).resolve()

@@ -186,17 +186,30 @@ def test_the_defaults_are_read_from_base_yaml(tmp_path):
         assert defaults[name]["experiment"] == "other-experiment", name
 
 
-def test_eval_with_a_preset_scores_that_presets_sets_and_symmetric_ones_get_the_instruction(capsys, tmp_path):
+def test_eval_with_a_preset_scores_that_presets_sets_and_symmetric_ones_get_the_instruction(
+        capsys, tmp_path, monkeypatch, shared_data):
     """`q3e eval MODEL --preset smol` evaluates what `q3e run --preset smol` evaluates (its two sets,
-    STS-B dev symmetric); `--symmetric` gives a set's documents the query's instruction, which changes
-    its score; a name that is no task of the evaluation is one error line."""
+    STS-B dev symmetric), on a fresh clone too (no data/ yet: it is restored as `q3e run` restores it);
+    `--symmetric` gives a set's documents the query's instruction, which changes its score; a name that
+    is no task of the evaluation is one error line."""
+    clone = tmp_path / "clone"  # a fresh clone: a DVC project with data.dvc and no data/
+    clone.mkdir()
+    # in a subprocess: in-process, `dvc init` binds DVC's log handler to this test's captured stdout
+    subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "--no-scm", "-q"], cwd=clone, check=True)
+    shutil.copy(ROOT / "data.dvc", clone / "data.dvc")
+    overlay = tmp_path / "source.yaml"
+    overlay.write_text(f"data: {{source: {shared_data}}}\n")
+    monkeypatch.chdir(clone)
+
     small = ["--max-queries", "5", "--max-corpus", "40"]
-    code, out, err = q3e(capsys, "eval", "micro", "--preset", "smol", *small, "-o", str(tmp_path / "p.json"))
+    code, out, err = q3e(capsys, "eval", "micro", "--preset", "smol", "-c", str(overlay), *small,
+                         "-o", str(tmp_path / "p.json"))
     assert code == 0, err
+    assert "data: restored data/" in err
     preset_scores = {line.split()[0]: float(line.split()[-1]) for line in out.splitlines()}
     assert set(preset_scores) == {"nq-msmarco-hardneg", "stsb-en-dev"}
 
-    stsb = str(ROOT / "data" / "beir" / "stsb-en-dev")
+    stsb = str(clone / "data" / "beir" / "stsb-en-dev")
     runs = {}
     for extra in ([], ["--symmetric", "stsb-en-dev"]):
         code, out, err = q3e(capsys, "eval", "micro", "--task-dir", stsb, *small, *extra,
