@@ -261,6 +261,8 @@ class SynthConfig(Strict):
     persona_retriever: str
     top_personas: int = Field(gt=0)
     num_passages: int | None = Field(gt=0)
+    passage_order: Literal["sample", "file"] = Field(description="sample: a seeded random sample of each "
+                                                     "passages file; file: its first passages in file order")
     exclude_relevant: list[str] = Field(description="BEIR folders whose relevant documents (qrels) are never "
                                                         "used as passages: dev positives stay out of training")
     reuse: str | None = Field(description="a folder of shards made by `q3e synth` with these same settings "

@@ -30,6 +30,7 @@ def synth_cfg(shared_data: Path, personas: Path, **update) -> SynthConfig:
     """The micro preset's synthesis settings on the first 8 real passages (shards of 2), with
     `update` applied; `generator={...}` updates the generator's settings key by key."""
     base = load_config("micro").synth.model_dump()
-    base.update(passages=[str(shared_data / PASSAGES)], personas=str(personas), num_passages=8, shard_size=2)
+    base.update(passages=[str(shared_data / PASSAGES)], personas=str(personas), num_passages=8, shard_size=2,
+                passage_order="file")
     gen = base["generator"] | update.pop("generator", {})
     return SynthConfig.model_validate(base | update | {"generator": gen})

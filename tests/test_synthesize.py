@@ -196,6 +196,31 @@ def test_dev_positives_are_never_synthesis_passages(shared_data):
     assert [p.id for p in kept][:3] == ["p1", "p2", "p3"]
 
 
+def test_passages_are_a_seeded_sample_of_the_whole_file(shared_data):
+    """synth.passage_order=sample: the default English corpus is grouped by topic (its first 160
+    passages are the negatives of two dev queries), so the synthesis passages are a uniform sample
+    of each file, the same for a seed, without excluded texts; `file` keeps file order."""
+    from tasks.synthesis.plan import relevant_texts
+
+    path = shared_data / "passages" / "en-nq-msmarco.jsonl"
+    zh = shared_data / "passages" / "zh-sohu-news.jsonl"
+    order = {p.id: i for i, p in enumerate(load_passages([path]))}
+    positives = relevant_texts([shared_data / "beir" / "nq-msmarco-hardneg"])
+    first = load_passages([path], limit=160, exclude=positives)
+    sample = load_passages([path], limit=160, exclude=positives, sample_seed=0)
+    assert max(order[p.id] for p in first) < 170
+    positions = sorted(order[p.id] for p in sample)
+    assert len(set(positions)) == 160 and positions[-1] > 1100  # spread over the whole file
+    assert sum(pos >= 623 for pos in positions) > 50  # both halves of the file
+    assert not {p.text for p in sample} & positives
+    assert [p.id for p in load_passages([path], limit=160, exclude=positives, sample_seed=0)] == \
+        [p.id for p in sample]
+    assert [p.id for p in load_passages([path], limit=160, sample_seed=1)] != [p.id for p in sample]
+    mixed = load_passages([path, zh], limit=40, sample_seed=0)  # still interleaved: half from each file
+    assert [p.source for p in mixed[:4]] == [path.name, zh.name, path.name, zh.name]
+    assert len(load_passages([path], sample_seed=0)) == len(order)  # no limit: every passage, shuffled
+
+
 def test_transformers_backend_batches_and_continues_a_prefill():
     gen = build_generator(GeneratorConfig(model="micro", batch_size=2))
     prompts = [classification_prompt("passage " * n, ["a", "b"], "English", prefill=True) for n in (3, 30, 9)]

@@ -41,12 +41,21 @@ def relevant_texts(folders: Sequence[str | Path], *, root: str | Path | None = N
 
 
 def load_passages(paths: Sequence[str | Path], *, root: str | Path | None = None,
-                  limit: int | None = None, exclude: set[str] | frozenset[str] = frozenset()) -> list[Passage]:
+                  limit: int | None = None, exclude: set[str] | frozenset[str] = frozenset(),
+                  sample_seed: int | None = None) -> list[Passage]:
     """Passages from JSONL files: BEIR corpus (`_id`, `text`, optional `title`) or any records with
     `text`/`passage` (and optional `id`/`_id`, `lang`/`language`). Several files are interleaved (one
-    passage of each in turn, in file order within each), so the first `limit` mix them all. Passages
-    whose text is in `exclude` (e.g. `relevant_texts` of the dev sets) are skipped."""
+    passage of each in turn), so the first `limit` mix them all. Passages whose text is in `exclude`
+    (e.g. `relevant_texts` of the dev sets) are skipped.
+
+    With `sample_seed`, each file contributes a uniform random sample of its passages (reservoir
+    sampling, at most `limit` held per file), in random order: corpora are often grouped by topic
+    (the default English one by the query its passages are negatives of), and their first `limit`
+    passages would cover a few topics. Without it, passages come in file order."""
     streams = [_read_passages(resolve_path(p, root)) for p in paths]
+    if sample_seed is not None:
+        streams = [iter(_sample(stream, limit, exclude, random.Random(f"{sample_seed}|{resolve_path(p, root).name}")))
+                   for stream, p in zip(streams, paths)]
     out: list[Passage] = []
     while streams:
         for stream in list(streams):
@@ -62,6 +71,24 @@ def load_passages(paths: Sequence[str | Path], *, root: str | Path | None = None
     if not out:
         raise DataError(f"no passages in {', '.join(map(str, paths))}")
     return out
+
+
+def _sample(stream: Iterator[Passage], k: int | None, exclude: set[str] | frozenset[str],
+            rng: random.Random) -> list[Passage]:
+    """A uniform random sample of k passages of the stream not in `exclude` (all when k is None),
+    shuffled (Algorithm R, then a shuffle)."""
+    kept: list[Passage] = []
+    seen = 0
+    for passage in stream:
+        if passage.text in exclude:
+            continue
+        seen += 1
+        if k is None or len(kept) < k:
+            kept.append(passage)
+        elif (j := rng.randrange(seen)) < k:
+            kept[j] = passage
+    rng.shuffle(kept)
+    return kept
 
 
 def _read_passages(path: Path) -> Iterator[Passage]:

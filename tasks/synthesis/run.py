@@ -82,7 +82,8 @@ def synth_manifest(cfg: SynthConfig, root: str | Path | None = None) -> tuple[li
     on. Two runs with equal manifests write the same shards, so a folder with this manifest can be
     resumed or reused (`synth.reuse`)."""
     passages = load_passages(cfg.passages, root=root, limit=cfg.num_passages,
-                             exclude=relevant_texts(cfg.exclude_relevant, root=root))
+                             exclude=relevant_texts(cfg.exclude_relevant, root=root),
+                             sample_seed=cfg.seed if cfg.passage_order == "sample" else None)
     persona_path = resolve_path(cfg.personas, root)
     return passages, {
         "prompt_version": PROMPT_VERSION, "settings": content_settings(cfg),
