@@ -6,6 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRESET ?= smol
 ARGS ?=
+# test processes (pytest-xdist): most of the suite's time is spent waiting on services (a Prefect
+# server, a Ray instance, a killed run's resume), so two workers overlap those waits; each test file
+# stays in one worker (--dist loadfile), so a module's expensive fixture runs once. TEST_WORKERS=0: one process
+TEST_WORKERS ?= 2
 
 .PHONY: venv run test bench clean
 
@@ -29,7 +33,7 @@ run: venv
 	$(BIN)/q3e run --preset $(PRESET) $(ARGS)
 
 test: venv
-	$(BIN)/python -m pytest -q --durations=25 $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 $(ARGS)
 
 bench: venv
 	$(BIN)/python -m bench all
