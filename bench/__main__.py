@@ -8,6 +8,7 @@ Benchmarks (each module of bench/ with NAME, add_arguments, quick_args, run, ren
   synthesis      accepted pairs/min with 1 and 2 Ray workers; batched vs one-at-a-time generation
   orchestration  the whole flow's wall time vs its stages' compute (overhead); a fully cached rerun
   scaling        training step, encoding and filter scoring at 1x, 2x, 4x data
+  ray_train      local training loop vs Ray Train with 1 worker: step time and loss on the same batches
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from bench import harness
 
 QUICK_OUT = Path(tempfile.gettempdir()) / "q3e-bench-quick"  # a smoke run never overwrites the real figures
-ORDER = ("train", "gradcache", "encode", "synthesis", "orchestration", "scaling")
+ORDER = ("train", "gradcache", "encode", "synthesis", "orchestration", "scaling", "ray_train")
 SUMMARY = {n: line.split(None, 1)[1] for line in __doc__.split("Benchmarks")[1].splitlines()[1:]
            if (n := line.strip().split(" ", 1)[0]) in ORDER}
 

@@ -1,5 +1,5 @@
 """The benchmark suite (bench/), each benchmark run for real at the smallest sizes its options
-allow (the two that start Ray / Prefect are left out: minutes even when tiny). What is checked is
+allow (the three that start Ray / Prefect are left out: minutes even when tiny). What is checked is
 what a reader of docs/benchmarks.md relies on: the JSON record says what ran on which machine,
 it holds every figure of the table the run printed, the rows are the sides and sizes asked for,
 and every ratio, rate and verdict follows from the figures it reports. The figures themselves
@@ -175,7 +175,7 @@ def test_help_lists_every_benchmark_with_what_it_measures(monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")  # argparse wraps at hyphens too
     text = " ".join(build_parser().format_help().split())
     assert set(ORDER) == set(SUMMARY) == {"train", "gradcache", "encode", "synthesis", "orchestration",
-                                          "scaling"}
+                                          "scaling", "ray_train"}
     for name in ("all", *ORDER):
         assert f" {name} " in text, name
     for name in ORDER:
