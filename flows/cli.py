@@ -113,6 +113,18 @@ def _data_ready(cfg) -> None:
     typer.echo(f"data: restored {cfg.data.dir}/ (version {version[:10]})", err=True)
 
 
+def _catalog_ready(cfg) -> None:
+    """The catalog entries the stages name exist in a valid conf/catalog.yaml: a bad one is one error
+    line before any service starts, not a failure at stage 2."""
+    from tasks.data import DataError
+    from tasks.data.catalog import check_entries
+
+    try:
+        check_entries([s.catalog for st in (cfg.stage1, cfg.stage2, cfg.reranker) for s in st.data if s.catalog])
+    except DataError as e:
+        raise _fail(e) from None
+
+
 def _fail(e: Exception) -> typer.Exit:
     typer.secho(f"error: {e}", fg="red", err=True)
     return typer.Exit(1)
@@ -149,6 +161,7 @@ def train_cmd(
     if stage not in ("stage1", "stage2", "reranker"):
         raise _fail(ValueError(f"--stage must be stage1, stage2 or reranker, got {stage!r}"))
     if not data:
+        _catalog_ready(cfg)
         _data_ready(cfg)
     tcfg = getattr(cfg, stage)
     if data:
@@ -454,7 +467,7 @@ def run_cmd(
 
     Stages whose inputs did not change are reused; a failed run resumes at the stage that failed."""
     _setup_logging()
-    _config(preset, overrides, files, ablation)  # validate before starting any service
+    _catalog_ready(_config(preset, overrides, files, ablation))  # validate before starting any service
     from flows.pipeline import pipeline
 
     summary = pipeline(preset=preset, overrides=list(overrides or []), ablation=ablation,
@@ -554,6 +567,106 @@ def schedule_cmd(
     from prefect import serve
 
     serve(deployment)
+
+
+data_app = typer.Typer(help="A preset's training data: local files, BEIR folders and the data catalog "
+                              "(conf/catalog.yaml: the paper's Table 6 sets on the hub).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check_cmd(
+    preset: str = PresetOpt, files: Optional[List[Path]] = ConfigOpt,
+    offline: bool = typer.Option(False, "--offline", help="every catalog source reads its entry's local stand-in "
+                                 "(data.catalog_offline=true): no hub needed"),
+    samples: int = typer.Option(100, "--samples", "-n", min=1, help="pairs streamed per catalog source (a bounded "
+                                "scan; files and BEIR folders are counted whole)"),
+    project: Path = typer.Option(Path("."), help="project folder: data/ (restored when missing)"),
+    overrides: Optional[List[str]] = OverridesArg,
+) -> None:
+    """Check a preset's training data without training: each stage1 / stage2 / reranker source with its
+    kind (file, BEIR, catalog), task type, how many pairs it gives and one sample pair.
+
+    Catalog sources are streamed from the hub up to -n pairs (nothing is cached); --offline reads their
+    local stand-ins. Example: q3e data check --preset qwen3-0.6b --offline
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from tasks.data import DataError, resolve_path
+    from tasks.data.sources import check_source
+    from tasks.lineage import LineageError, ensure_config_data
+
+    cfg = _config(preset, list(overrides or []) + (["data.catalog_offline=true"] if offline else []), files)
+    stages = [(name, getattr(cfg, name)) for name in ("stage1", "stage2", "reranker") if getattr(cfg, name).enabled]
+    paths = [s for _, st in stages for s in st.data if s.path is not None]
+    if paths and not (project / cfg.data.dir).exists():
+        try:
+            version = ensure_config_data(project, cfg)
+        except LineageError as e:
+            raise _fail(e) from None
+        typer.echo(f"data: restored {cfg.data.dir}/ (version {version[:10]})", err=True)
+    table = Table(title=f"training data of {preset}" + (" (catalog: local stand-ins)" if offline else ""))
+    for col in ("stage", "source", "kind", "task", "pairs", "sample"):
+        table.add_column(col, justify="right" if col == "pairs" else "left", no_wrap=col == "sample")
+    try:
+        for name, st in stages:
+            for src in st.data:
+                c = check_source(src, project, max_pairs=samples)
+                table.add_row(name, _source_label(src), c.kind, _cut(", ".join(c.tasks), 22), _pairs_label(c),
+                              _sample(c.first))
+            synthetic = _synthetic_row(cfg, name, project, samples)
+            if synthetic:
+                table.add_row(name, *synthetic)
+    except DataError as e:
+        raise _fail(e) from None
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    if cfg.synth.reuse and not resolve_path(cfg.synth.reuse, project).exists():
+        typer.echo(f"note: synth.reuse {cfg.synth.reuse} not found under {project}: the run would synthesise")
+
+
+def _cut(text: str, n: int) -> str:
+    """`text` on one line, at most n characters (an ellipsis where it was cut)."""
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _source_label(src) -> str:
+    name = src.catalog + (" (stand-in)" if src.offline else "") if src.catalog else src.path
+    name = name if len(name) <= 40 else "…" + name[-39:]
+    return name + (f" limit {src.limit:,}" if src.limit else "")
+
+
+def _pairs_label(c) -> str:
+    if c.complete:
+        return f"{c.pairs:,}"
+    if c.limit and c.pairs >= c.limit:
+        return f"{c.pairs:,} (limit)"
+    return f"streaming: >={c.pairs:,} in {c.rows:,} rows"
+
+
+def _sample(pair) -> str:
+    if pair is None:
+        return "(no pairs)"
+    return f"{_cut(pair.query, 32)} -> {_cut(pair.positive, 40)} [{len(pair.negatives)} neg]"
+
+
+def _synthetic_row(cfg, stage: str, project: Path, samples: int) -> tuple[str, ...] | None:
+    """The synthetic pairs the pipeline adds to a stage (stage 1: all; stage 2, reranker: the filtered)."""
+    from tasks.config import DataSource
+    from tasks.data import resolve_path
+    from tasks.data.sources import check_source
+
+    if not cfg.synth.enabled or (stage != "stage1" and not cfg.filter.enabled):
+        return None
+    if stage != "stage1":
+        return ("filtered synthetic pairs (made by the run)", "synthetic", _cut(", ".join(cfg.synth.kinds), 22), "-", "")
+    reuse = cfg.synth.reuse and resolve_path(cfg.synth.reuse, project)
+    if not reuse or not reuse.is_dir():
+        return ("synthetic pairs (made by the run)", "synthetic", _cut(", ".join(cfg.synth.kinds), 22), "-", "")
+    c = check_source(DataSource(path=str(reuse)), max_pairs=10**9)
+    return (f"{cfg.synth.reuse} (synth.reuse)", "synthetic", _cut(", ".join(c.tasks), 22), _pairs_label(c),
+            _sample(c.first))
 
 
 runs_app = typer.Typer(help="Compare pipeline runs recorded in MLflow.", no_args_is_help=True)

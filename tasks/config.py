@@ -109,6 +109,19 @@ class LossConfig(Strict):
     # then the loss above. 0 = the paper's loss from the first step. A warm start for a backbone
     # whose pooled state carries no content yet (SmolLM2: see conf/presets/smol.yaml).
     plain_warmup_steps: int = Field(ge=0)
+    # Two readings of eq. 1 that the paper leaves open (tasks/losses.py). The defaults are the
+    # project's first reading, kept so that runs stay comparable:
+    # - dd_mask_on: the paper says "s_ij is the corresponding score of q_i, d_j or q_i, q_j", which
+    #   names only query-side scores and so leans to `query` (the d-d and q-d terms of one d_j share
+    #   one m_ij); SPEC 2 restates it as "the score of that term", i.e. `positive`, s(d_i+, d_j).
+    # - in_batch_docs: the paper indexes d_j by the same j != i as q_j and names the hard negatives
+    #   d_ik- apart, so d_j is item j's positive (`positives`); ms-swift's batch also holds the other
+    #   items' hard negatives (`positives_and_negatives`).
+    dd_mask_on: Literal["positive", "query"] = Field(description="the score the d-d term's false-negative "
+                                                     "mask compares: positive = s(d_i+, d_j), query = s(q_i, d_j)")
+    in_batch_docs: Literal["positives", "positives_and_negatives"] = Field(
+        description="the in-batch documents d_j of the d-d and q-d terms: the other items' positives, "
+                    "or also their hard negatives (ms-swift)")
 
     @field_validator("mrl_dims")
     @classmethod
@@ -119,9 +132,14 @@ class LossConfig(Strict):
 
 
 class DataSource(Strict):
-    """One training data set: a pairs JSONL (ms-swift or FlagEmbedding format) or a BEIR folder."""
+    """One training data set: a pairs JSONL (ms-swift or FlagEmbedding format), a BEIR folder, or an
+    entry of the data catalog (conf/catalog.yaml: a hub data set, streamed; tasks/data/catalog.py)."""
 
-    path: str
+    path: str | None = None
+    catalog: str | None = Field(None, description="a conf/catalog.yaml entry instead of a path: the hub data "
+                                "set streamed and cached as JSONL under the project's datasets/catalog/")
+    offline: bool = Field(False, description="catalog: read the entry's local stand-in instead of the hub "
+                          "(set on every catalog source by data.catalog_offline)")
     format: Literal["auto", "pairs", "beir"] = "auto"
     instruction: str | None = None
     symmetric: bool = False
@@ -131,6 +149,18 @@ class DataSource(Strict):
     mine_negatives: int = Field(0, ge=0, description="BEIR folders: top each query's hard negatives up to this many "
                                                      "with the corpus documents BM25 ranks highest among those not "
                                                      "relevant to it (tasks/mining.py); 0 = judged negatives only")
+    task_type: str | None = Field(None, description="the task its pairs belong to, for sampling.mode "
+                                  "task_balanced (any name: a source with a name of its own is batched alone); "
+                                  "null = each pair's `meta.task` (synthetic pairs), else sts if symmetric, "
+                                  "else retrieval")
+
+    @model_validator(mode="after")
+    def _a_path_or_a_catalog_entry(self) -> "DataSource":
+        if (self.path is None) == (self.catalog is None):
+            raise ValueError("a data source names a path or a catalog entry (conf/catalog.yaml), one of them")
+        if self.catalog is not None and self.mine_negatives:
+            raise ValueError("mine_negatives needs a BEIR folder (a corpus to mine from), not a catalog entry")
+        return self
 
 
 class DistributedConfig(Strict):
@@ -164,6 +194,28 @@ class DistributedConfig(Strict):
         return self
 
 
+class SamplingConfig(Strict):
+    """How a training stage draws its batches (tasks/training/sampling.py).
+    mixed: seeded per-epoch permutations of all pairs, every task in every batch;
+    task_balanced: each batch holds pairs of one task type (DataSource.task_type), the type drawn
+    with `weights` (none = proportional to its pairs): in-batch negatives from another task are
+    easy ones, and the paper's no-merge model "uses data sampling to balance various tasks"."""
+
+    mode: Literal["mixed", "task_balanced"]
+    weights: dict[str, float] = Field(description="task_balanced: task type -> weight (>= 0, every type "
+                                                  "in the data named); empty = proportional to size")
+
+    @field_validator("weights")
+    @classmethod
+    def _nonnegative(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: w for k, w in v.items() if not (w >= 0 and w != float("inf"))}
+        if bad:
+            raise ValueError(f"sampling weights must be finite and >= 0, got {bad}")
+        if v and not sum(v.values()) > 0:
+            raise ValueError("sampling weights are all 0")
+        return v
+
+
 class TrainConfig(Strict):
     """One training stage. The same trainer runs stage 1, stage 2 and the reranker."""
 
@@ -189,6 +241,7 @@ class TrainConfig(Strict):
     seed: int
     lora: LoraConfig
     loss: LossConfig
+    sampling: SamplingConfig
     two_token: bool = Field(description="reranker: softmax over yes/no only instead of the vocabulary")
     resources: Resources
     distributed: DistributedConfig
@@ -297,21 +350,58 @@ class FilterConfig(Strict):
 
 
 class EvalConfig(Strict):
-    """What to evaluate on: mteb task names / a benchmark (need the hub) and local sets (offline)."""
+    """What to evaluate on: mteb task names / benchmarks (need the hub) and local sets (offline)."""
 
     tasks: list[str]
     task_dirs: list[str]
     sts: list[str]
     pairclf: list[str]
     max_pairs: int | None = Field(gt=0)
-    benchmark: str | None
+    benchmark: str | list[str] | None = Field(description="one mteb benchmark or a list of them; each "
+                                              "gets its Mean(Task) and Mean(Type)")
     batch_size: int = Field(gt=0)
     rerank_top_k: int = Field(gt=0)
+    rerank_types: list[Literal["Retrieval", "Reranking", "InstructionRetrieval", "InstructionReranking"]] = Field(
+        description="mteb task types the reranker reranks (every one is an mteb retrieval task)")
+    first_stage: str | None = Field(description="a first-stage file (tasks/evaluation/first_stage.py): the "
+                                    "reranker reranks its top-k instead of the embedder's")
+    save_first_stage: bool = Field(description="write the embedder's top rerank_top_k per query next to "
+                                   "the results (<results>.first_stage.json)")
     dims: list[int]
     symmetric: list[str]
     max_queries: int | None = Field(gt=0)
     max_corpus: int | None = Field(gt=0)
+    max_query_length: int | None = Field(gt=1, description="tokens kept of a query; null = model.max_query_length")
+    max_doc_length: int | None = Field(gt=1, description="tokens kept of a document; null = model.max_doc_length")
+    max_rerank_length: int | None = Field(gt=16, description="tokens of a reranker input; null = "
+                                          "model.max_rerank_length")
     resources: Resources
+
+    @property
+    def benchmarks(self) -> list[str]:
+        """`benchmark` as a list (a single name, a list of names, or none)."""
+        if self.benchmark is None:
+            return []
+        return [self.benchmark] if isinstance(self.benchmark, str) else list(self.benchmark)
+
+    @field_validator("benchmark")
+    @classmethod
+    def _benchmark_names(cls, v: str | list[str] | None) -> str | list[str] | None:
+        names = [v] if isinstance(v, str) else v or []
+        if any(not n.strip() for n in names):
+            raise ValueError("a benchmark name is empty")
+        if len(set(names)) < len(names):
+            raise ValueError(f"a benchmark is listed twice: {names}")
+        return v
+
+    @field_validator("dims")
+    @classmethod
+    def _positive_unique_dims(cls, v: list[int]) -> list[int]:
+        if any(d <= 0 for d in v):  # a negative d would keep emb[:, :d], all but the last |d| dims
+            raise ValueError(f"MRL dims must be positive, got {v}")
+        if len(set(v)) < len(v):
+            raise ValueError(f"an MRL dim is listed twice: {v}")
+        return v
 
 
 class DerivedSet(Strict):
@@ -343,6 +433,8 @@ class DataConfig(Strict):
     source: str | None
     include: list[str]
     derived: list[DerivedSet]
+    catalog_offline: bool = Field(description="every catalog source of the stages reads its entry's local "
+                                  "stand-in (conf/catalog.yaml `local`) instead of the hub")
 
 
 class InfraConfig(Strict):
@@ -388,6 +480,15 @@ class PipelineConfig(Strict):
     ablations: AblationConfig
     retrain: RetrainConfig
     infra: InfraConfig
+
+    @model_validator(mode="after")
+    def _catalog_offline(self) -> "PipelineConfig":
+        if self.data.catalog_offline:
+            for stage in (self.stage1, self.stage2, self.reranker):
+                for src in stage.data:
+                    if src.catalog is not None:
+                        src.offline = True
+        return self
 
     @property
     def reranker_backbone(self) -> ModelConfig:
@@ -525,7 +626,8 @@ def dump_yaml(cfg: PipelineConfig) -> str:
 # has a key the schema lacks.
 DEFAULTS_FROM: dict[type[Strict], str] = {
     MicroConfig: "model.micro", LoraConfig: "stage2.lora", ModelConfig: "model", Resources: "stage2.resources",
-    LossConfig: "stage2.loss", DistributedConfig: "stage2.distributed", TrainConfig: "stage2",
+    LossConfig: "stage2.loss", SamplingConfig: "stage2.sampling", DistributedConfig: "stage2.distributed",
+    TrainConfig: "stage2",
     MergeConfig: "merge", GeneratorConfig: "synth.generator", SynthConfig: "synth", FilterConfig: "filter",
     EvalConfig: "eval", DataConfig: "data", InfraConfig: "infra", RetrainConfig: "retrain",
     AblationConfig: "ablations", PipelineConfig: "",

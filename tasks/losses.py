@@ -12,6 +12,7 @@ No data loading, no training loop, no orchestration here: the trainer calls thes
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,10 @@ __all__ = [
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
+
+# The two readings of eq. 1 that the paper leaves open (see `improved_infonce` and SPEC 2).
+DdMaskOn = Literal["positive", "query"]
+InBatchDocs = Literal["positives", "positives_and_negatives"]
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -52,6 +57,9 @@ def improved_infonce(
     dd: bool = True,
     qd: bool = True,
     mask_false_negatives: bool = True,
+    dd_mask_on: DdMaskOn = "positive",
+    in_batch_docs: InBatchDocs = "positives",
+    same_neg: Tensor | None = None,
 ) -> Tensor:
     """Improved InfoNCE of Qwen3-Embedding (paper eq. 1), mean over the batch.
 
@@ -62,18 +70,31 @@ def improved_infonce(
             + sum_j!=i m_ij exp(s(d_i+, d_j)/tau)     positive vs other docs  (dd)
             + sum_j!=i m_ij exp(s(q_i,  d_j)/tau)     query vs other docs     (qd)
 
-    d_j are the other items' positives. s is the dot product, which is the cosine because all
-    inputs must already be L2-normalised (this function does not normalise them).
+    s is the dot product, which is the cosine because all inputs must already be L2-normalised
+    (this function does not normalise them).
 
-    False-negative mask (only if `mask_false_negatives`): m = 0 when that term's cosine
+    The in-batch documents d_j (`in_batch_docs`), j != i:
+      "positives"                the other items' positives d_j+ (the default);
+      "positives_and_negatives"  also the other items' real hard negatives d_jk- (ms-swift's
+                                 batch), in both the d-d and the q-d term. Item i's own hard
+                                 negatives stay in the hard-negative term only (counted once).
+
+    False-negative mask (only if `mask_false_negatives`): m = 0 when the term's mask score
     s > s(q_i, d_i+) + margin (raw cosine, before /tau, computed from detached values so the
-    threshold carries no gradient), or, for the three in-batch terms, when same_pos[i, j]
-    (d_j is the same text as d_i+); else m = 1. With `mask_false_negatives=False` only the
-    j != i exclusion and the `neg_mask` padding apply (same_pos and margin are ignored).
+    threshold carries no gradient), or, for the in-batch terms, when d_j (or q_j's item) has the
+    same positive text as d_i+ (same_pos[i, j]; for other items' negatives, same_neg[i, j, k]);
+    else m = 1. The mask score is the term's own score, except in the d-d term, where
+    `dd_mask_on` chooses:
+      "positive"  s(d_i+, d_j), the d-d term's own score (the default);
+      "query"     s(q_i, d_j), the paper's wording: "s_ij is the corresponding score of
+                  q_i, d_j or q_i, q_j", so the d-d and q-d terms of one d_j share one m_ij.
+    With `mask_false_negatives=False` only the j != i exclusion and the `neg_mask` padding apply
+    (same_pos, same_neg and margin are ignored).
 
-    Implementation: one [N, 1 + K + 3N] logits matrix (positive in column 0, disabled blocks
-    left out), masked entries set to -inf, loss = logsumexp(row) - row[0] (cross entropy with
-    target column 0). Column 0 is never masked, so every row stays finite.
+    Implementation: one [N, 1 + K + 3N (+ 2NK)] logits matrix (positive in column 0, disabled
+    blocks left out, the other items' negatives last), masked entries set to -inf,
+    loss = logsumexp(row) - row[0] (cross entropy with target column 0). Column 0 is never
+    masked, so every row stays finite.
 
     Args:
         q: [N, D] query embeddings, L2-normalised.
@@ -87,6 +108,10 @@ def improved_infonce(
             for items with fewer than K negatives) never enter Z. Requires `neg`.
         qq, dd, qd: switch the three in-batch terms on or off (ablations).
         mask_false_negatives: apply the false-negative mask m.
+        dd_mask_on: "positive" | "query", the score the d-d term's mask compares (see above).
+        in_batch_docs: "positives" | "positives_and_negatives", the in-batch documents d_j.
+        same_neg: [N, N, K] bool, True where item j's k-th hard negative is the same text as
+            item i's positive; used only with in_batch_docs="positives_and_negatives".
 
     Returns:
         Scalar loss, in the inputs' dtype (float32 if the inputs are float16/bfloat16).
@@ -112,6 +137,14 @@ def improved_infonce(
                 f"neg_mask must be [N, K] = {list(neg.shape[:2])}, got shape {tuple(neg_mask.shape)}"
             )
 
+    if dd_mask_on not in ("positive", "query"):
+        raise ValueError(f"dd_mask_on must be 'positive' or 'query', got {dd_mask_on!r}")
+    if in_batch_docs not in ("positives", "positives_and_negatives"):
+        raise ValueError(f"in_batch_docs must be 'positives' or 'positives_and_negatives', got {in_batch_docs!r}")
+    if same_neg is not None and (neg is None or tuple(same_neg.shape) != (n, n, neg.shape[1])):
+        want = f"[N, N, K] = [{n}, {n}, {neg.shape[1]}]" if neg is not None else "nothing: neg is None"
+        raise ValueError(f"same_neg must be {want}, got shape {tuple(same_neg.shape)}")
+
     dtype = _compute_dtype(q, pos) if neg is None else _compute_dtype(q, pos, neg)
     q, pos = q.to(dtype), pos.to(dtype)
     device = q.device
@@ -136,16 +169,40 @@ def improved_infonce(
         keep_batch = ~torch.eye(n, dtype=torch.bool, device=device)  # j != i
         if mask_false_negatives and same_pos is not None:
             keep_batch &= ~same_pos.to(device=device, dtype=torch.bool)
-        for enabled, s in ((qq, q @ q.T), (dd, pos @ pos.T), (qd, q @ pos.T)):
+        for enabled, s, term in ((qq, q @ q.T, "qq"), (dd, pos @ pos.T, "dd"), (qd, q @ pos.T, "qd")):
             if not enabled:
                 continue
             keep = keep_batch
             if mask_false_negatives:
-                keep = keep & ~(s.detach() > threshold)
+                # the d-d term read as the paper words it: masked on s(q_i, d_j), computed detached
+                # (a graph node more would reorder the backward's gradient sums of the default)
+                mask_on = q.detach() @ pos.detach().T if term == "dd" and dd_mask_on == "query" else s.detach()
+                keep = keep & ~(mask_on > threshold)
             blocks.append(s)
             masks.append(keep)
 
-    logits = torch.cat(blocks, dim=1) / temperature  # [N, 1 + K + 3N] at most
+    if in_batch_docs == "positives_and_negatives" and neg is not None and neg.shape[1] and (dd or qd):
+        # the other items' hard negatives as in-batch documents d_jk, columns ordered (j, k)
+        k = neg.shape[1]
+        negs = neg.to(dtype)
+        keep_docs = ~torch.eye(n, dtype=torch.bool, device=device).unsqueeze(2).expand(n, n, k)  # j != i
+        if neg_mask is not None:
+            keep_docs = keep_docs & neg_mask.to(device=device, dtype=torch.bool).unsqueeze(0)
+        if mask_false_negatives and same_neg is not None:
+            keep_docs = keep_docs & ~same_neg.to(device=device, dtype=torch.bool)
+        keep_docs = keep_docs.reshape(n, n * k)
+        s_qn = torch.einsum("id,jkd->ijk", q, negs).reshape(n, n * k)
+        s_dn = torch.einsum("id,jkd->ijk", pos, negs).reshape(n, n * k)
+        for enabled, s, mask_on in ((dd, s_dn, s_qn if dd_mask_on == "query" else s_dn), (qd, s_qn, s_qn)):
+            if not enabled:
+                continue
+            keep = keep_docs
+            if mask_false_negatives:
+                keep = keep & ~(mask_on.detach() > threshold)
+            blocks.append(s)
+            masks.append(keep)
+
+    logits = torch.cat(blocks, dim=1) / temperature  # [N, 1 + K + 3N + 2NK] at most
     logits = logits.masked_fill(~torch.cat(masks, dim=1), float("-inf"))
     return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
 
@@ -170,8 +227,8 @@ def mrl_infonce(
     Unweighted sum. Only the listed dims enter: the full dimension D is NOT added implicitly;
     the caller puts D in `dims` when the full embedding should be trained too. Each k must be in
     [1, D] and appear once. `kwargs` are passed to `improved_infonce` (temperature, margin,
-    same_pos, neg_mask, qq, dd, qd, mask_false_negatives); the false-negative mask is
-    recomputed at each k from that prefix's cosines.
+    same_pos, neg_mask, qq, dd, qd, mask_false_negatives, dd_mask_on, in_batch_docs, same_neg);
+    the false-negative mask is recomputed at each k from that prefix's cosines.
 
     Shapes as in `improved_infonce`; returns a scalar.
     """

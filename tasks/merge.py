@@ -7,6 +7,16 @@ Reference: Shoemake 1985; mergekit `mergekit/merge_methods/slerp.py`, whose conv
 the angle comes from normalised copies, the coefficients are applied to the original tensors, and
 nearly (anti-)parallel pairs fall back to linear interpolation.
 
+Two methods (`merge.method`):
+- slerp: on the raw weights. Checkpoints of one run lie so close together (relative spread
+  ~1e-3, cos θ > 1 - 1e-6) that this is their weighted average: the lerp fallback.
+- task_slerp (`base` = the weights the stage started from): slerp of the deltas sd_i - base,
+  folded as slerp is, then base + the merged delta. Deltas of runs trained from one start on
+  different data balances are far from parallel, so the spherical part matters: it keeps the
+  delta's length where averaging orthogonal deltas shrinks it by cos(θ/2). Same convention as
+  above (angle from the normalised deltas, coefficients on the deltas), so the merged delta's
+  norm is the interpolated norm only when the deltas' norms are equal.
+
 Entry point: `slerp_merge(checkpoints, out_dir)` reads Hugging Face model folders and writes a new
 folder that loads exactly like the first checkpoint, with merged `model.safetensors` and a
 `merge.json` describing how it was made.

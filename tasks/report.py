@@ -174,11 +174,11 @@ def _dirty_warning(commit: str | None) -> list[str]:
     return []
 
 
-def _row_label(model: str, final_model: str) -> str:
+def _row_label(model: str, final_model: str, first_stage: str | None = None) -> str:
     if model == final_model:
         return f"{model} (final)"
     if model == "reranker":
-        return f"reranker (top-k of {final_model})"
+        return f"reranker (top-k of {'the fixed first stage' if first_stage else final_model})"
     return model
 
 
@@ -191,8 +191,39 @@ def results_table(summary: dict) -> str:
         row = row_scores(scores, model)
         mean = _mean(list(row.values())) if set(row) == set(tasks) else None
         cells = [_f(row.get(t)) for t in tasks] + [_f(mean)]
-        lines.append(f"| {_row_label(model, final)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_row_label(model, final, summary.get('first_stage'))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def benchmarks_table(summary: dict) -> str | None:
+    """Mean(Task) / Mean(Type) per model and mteb benchmark (the paper's Tables 2-3; the reranker's
+    row: the mean nDCG@10 of the benchmark's reranked tasks, MTEB-R etc. of Table 4), from the
+    summary's `benchmarks` {model: {benchmark: tasks.evaluation.benchmarks.benchmark_summary}}.
+    None when the run evaluated no mteb benchmark."""
+    per_model = {m: b for m, b in (summary.get("benchmarks") or {}).items() if b}
+    if not per_model:
+        return None
+    names = list(dict.fromkeys(b for benches in per_model.values() for b in benches))
+    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    final = summary["final_model"]
+    for model in model_names(per_model):
+        cells = []
+        for bench in names:
+            s = per_model[model].get(bench)
+            if s is None:
+                cells.append(DASH)
+            elif model == "reranker":
+                rr = s.get("rerank") or {}
+                cells.append(f"{_f(rr.get('mean_reranked'))} ({rr.get('n_tasks', 0)} reranked)")
+            else:
+                cell = f"{_f(s['mean_task'])} / {_f(s['mean_type'])}"
+                cells.append(cell + (f" ({s['n_missing']} of {s['n_tasks']} missing)" if s["n_missing"] else ""))
+        lines.append(f"| {_row_label(model, final, summary.get('first_stage'))} | " + " | ".join(cells) + " |")
+    note = ("Mean(Task) / Mean(Type) of each mteb benchmark: the mean main score over its tasks, and the "
+            "mean over task types of each type's mean. A benchmark with a missing task has no mean.")
+    if "reranker" in per_model:
+        note += " The reranker row is the mean after reranking over the benchmark's reranked tasks."
+    return "\n".join(lines) + "\n\n" + note
 
 
 def checks_markdown(checks: list[dict]) -> str:
@@ -294,8 +325,11 @@ def run_report(summary: dict) -> str:
     checks = stage_checks(summary["scores"], summary["final_model"])
     why = merge_note(summary, checks)
     sections = ["\n".join(head),
-                "### Main scores\n\n" + results_table(summary) + "\n\n" + _score_note(summary),
-                "### Stage checks\n\n" + checks_markdown(checks) + (f"\n\n{why}" if why else "")]
+                "### Main scores\n\n" + results_table(summary) + "\n\n" + _score_note(summary)]
+    benches = benchmarks_table(summary)
+    if benches:
+        sections.append("### Benchmarks\n\n" + benches)
+    sections.append("### Stage checks\n\n" + checks_markdown(checks) + (f"\n\n{why}" if why else ""))
     synth = synthesis_markdown(summary)
     if synth:
         sections.append("### Synthesis\n\n" + synth)
@@ -323,7 +357,9 @@ def merge_note(summary: dict, checks: list[dict]) -> str | None:
 def _score_note(summary: dict) -> str:
     note = "Main score of each task (nDCG@10 for retrieval, Spearman for STS)."
     if "reranker" in summary["scores"]:
-        note += f" The reranker row is nDCG@10 after reranking the top-k of {summary['final_model']}."
+        source = (f"the fixed first stage `{summary['first_stage']}` (eval.first_stage)" if summary.get("first_stage")
+                  else summary["final_model"])
+        note += f" The reranker row is nDCG@10 after reranking the top-k of {source}."
     return note
 
 

@@ -122,24 +122,41 @@ def _under(root: str | None, paths: list[str]) -> list[str]:
 
 def eval_stage(model, cfg: EvalConfig, out_dir: str, *, reranker: str | None = None,
                data_root: str | None = None, label: str = "model") -> dict:
-    """Evaluate one model (and optionally the reranker on its top-k) through mteb; local paths in
-    the eval config are relative to the project root."""
+    """Evaluate one model (and optionally the reranker on a first stage's top-k) through mteb; local
+    paths in the eval config are relative to the project root. Returns the results, and per
+    benchmark (`<benchmark>@<dim>` for each of eval.dims) its Mean(Task) / Mean(Type) summary."""
+    from tasks.evaluation.benchmarks import benchmark_metrics
+    from tasks.evaluation.first_stage import first_stage_path
     from tasks.evaluation.run import evaluate_model
 
-    local = ("task_dirs", "sts", "pairclf")
-    cfg = cfg.model_copy(update={key: _under(data_root, getattr(cfg, key)) for key in local})
+    local = {key: _under(data_root, getattr(cfg, key)) for key in ("task_dirs", "sts", "pairclf")}
+    if cfg.first_stage:
+        local["first_stage"] = _under(data_root, [cfg.first_stage])[0]
+    cfg = cfg.model_copy(update=local)
     out = Path(out_dir) / "results.json"
     results: dict = {}
+    benchmarks: dict = {}
+    metrics: dict = {}
     # the full dimension gives the main scores; each of eval.dims (MRL) adds `<task>@<dim>` entries
     for dim in [None, *cfg.dims]:
-        scores = evaluate_model(model, cfg, reranker=reranker, dim=dim, show=False,
-                                out=out if dim is None else out.with_name(f"results@{dim}.json"))
+        path = out if dim is None else out.with_name(f"results@{dim}.json")
+        scores = evaluate_model(model, cfg, reranker=reranker, dim=dim, show=False, out=path)
         results.update(scores if dim is None else {f"{task}@{dim}": m for task, m in scores.items()})
+        at = "" if dim is None else f"@{dim}"
+        summaries = json.loads(path.read_text()).get("benchmarks", {})
+        benchmarks.update({bench + at: summary for bench, summary in summaries.items()})
+        # MLflow: eval/<benchmark>/mean_task, with a path-safe name (MTEB(eng, v2) -> MTEB-eng-v2)
+        metrics.update({name + at: numbers for name, numbers in benchmark_metrics(summaries).items()})
     table = Path(out_dir) / "results.md"
     rows = ["| task | main score |", "|---|---|"] + [f"| {t} | {m['main_score']:.4f} |" for t, m in results.items()]
     atomic_write_text(table, "\n".join(rows) + "\n")
-    return {"results": results, "results_json": str(out), "table": str(table), "label": label,
-            "metrics": {"eval": results}}
+    out_record = {"results": results, "results_json": str(out), "table": str(table), "label": label,
+                  "metrics": {"eval": {**results, **metrics}}}
+    if benchmarks:
+        out_record["benchmarks"] = benchmarks
+    if cfg.save_first_stage and first_stage_path(out).is_file():
+        out_record["first_stage"] = str(first_stage_path(out))
+    return out_record
 
 
 def synth_stage(cfg, out_dir: str, *, data_root: str | None = None, placement: Placement | None = None,

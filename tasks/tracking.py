@@ -119,16 +119,25 @@ def log_artifacts(run_id: str, folder: Path, artifact_path: str) -> None:
 
 
 def log_eval_results(run_id: str, results: dict[str, dict[str, float]],
-                     result_file: Path | None = None) -> None:
-    """Log `eval/<task>/<metric>` of `evaluate_model`'s results (and the result JSON under `eval/`)
-    to an existing MLflow run; never creates one. nAUC abstention metrics are skipped."""
+                     result_file: Path | None = None, *, benchmarks: dict[str, dict] | None = None) -> None:
+    """Log `eval/<task>/<metric>` of `evaluate_model`'s results, and `eval/<benchmark>/mean_task`,
+    `mean_type`, `per_type/<type>` of its benchmark summaries (`MTEB(eng, v2)` as `MTEB-eng-v2`), and
+    the result JSON under `eval/`, to an existing MLflow run; never creates one. nAUC abstention
+    metrics are skipped."""
     import time
 
     from mlflow.entities import Metric
 
+    from tasks.evaluation.benchmarks import benchmark_metrics
+
     now = int(time.time() * 1000)
     metrics = [Metric(_metric_key(f"eval/{task}/{m}"), float(v), now, 0) for task, scores in results.items()
                for m, v in scores.items() if not m.startswith("nauc") and math.isfinite(float(v))]
+    for bench, numbers in benchmark_metrics(benchmarks or {}).items():
+        for key, value in numbers.items():
+            parts = value.items() if isinstance(value, dict) else [(None, value)]
+            metrics += [Metric(_metric_key("/".join(filter(None, ("eval", bench, key, sub)))), float(v), now, 0)
+                        for sub, v in parts]
     client = __import__("mlflow").MlflowClient()
     for part in _chunks(metrics, 500):
         client.log_batch(run_id, metrics=part)

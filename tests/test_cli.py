@@ -42,6 +42,7 @@ HELP = {
     "lineage": "Print where a run's models came from",
     "report": "Print the Markdown report of pipeline runs",
     "runs compare": "Print the comparison table of pipeline runs",
+    "data check": "Check a preset's training data without training",
 }
 
 

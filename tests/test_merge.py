@@ -205,6 +205,78 @@ def test_task_vector_variant() -> None:
         slerp_state_dicts([a, b], base=bad_base)
 
 
+def _np_slerp(v0, v1, t: float, eps: float = 1e-6):
+    """Slerp of two flattened vectors as merge.py defines it (mergekit's convention): the angle from
+    the normalised vectors, the coefficients applied to the unnormalised ones, lerp when (anti)parallel."""
+    import numpy as np
+
+    a, b = v0.ravel(), v1.ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na <= eps or nb <= eps:
+        return (1 - t) * v0 + t * v1
+    cos = float(np.clip(a @ b / (na * nb), -1.0, 1.0))
+    if abs(cos) > 1 - eps:
+        return (1 - t) * v0 + t * v1
+    theta = math.acos(cos)
+    return (math.sin((1 - t) * theta) * v0 + math.sin(t * theta) * v1) / math.sin(theta)
+
+
+def _np_task_slerp(checkpoints, base, weights):
+    """task_slerp in numpy: fold the deltas d_i = ckpt_i - base with t_i = w_i / (w_0 + ... + w_i),
+    tensor by tensor, then add the base back."""
+    out = {}
+    for key, b in base.items():
+        acc, total = checkpoints[0][key] - b, weights[0]
+        for ckpt, w in zip(checkpoints[1:], weights[1:]):
+            total += w
+            acc = _np_slerp(acc, ckpt[key] - b, w / total)
+        out[key] = acc + b
+    return out
+
+
+def _near_base(seed: int, base: dict, scale: float) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in base.items()}
+
+
+@pytest.mark.parametrize("weights", [[1.0, 1.0], [1.0, 3.0], [2.0, 1.0, 1.0]])
+def test_task_slerp_is_slerp_of_the_deltas_against_a_numpy_reference(weights) -> None:
+    """Checkpoints of runs on different balances from one init: far from parallel as deltas, so
+    the merge walks the great circle between them. Raw-weight slerp of the same checkpoints is
+    plain averaging (cos ~ 1 - 1e-8: the lerp fallback), which shrinks the delta by cos(theta/2)."""
+    g = torch.Generator().manual_seed(20)
+    base = {"w": 100 * torch.randn(16, 8, generator=g, dtype=torch.float64),
+            "b": 100 * torch.randn(8, generator=g, dtype=torch.float64)}
+    ckpts = [_near_base(30 + i, base, 0.01) for i in range(len(weights))]
+    merged = slerp_state_dicts(ckpts, weights=weights, base=base)
+    want = _np_task_slerp([{k: v.numpy() for k, v in c.items()} for c in ckpts],
+                          {k: v.numpy() for k, v in base.items()}, weights)
+    for key in base:
+        assert merged[key].dtype == torch.float64
+        torch.testing.assert_close(merged[key], torch.from_numpy(want[key]), rtol=1e-12, atol=1e-12)
+    if weights == [1.0, 1.0]:
+        lerp = slerp_state_dicts(ckpts, weights=weights)
+        for key in base:
+            d0, d1 = (ckpts[0][key] - base[key]).flatten(), (ckpts[1][key] - base[key]).flatten()
+            assert abs(float(d0 @ d1 / (d0.norm() * d1.norm()))) < 0.5  # deltas: far from parallel
+            torch.testing.assert_close(lerp[key], (ckpts[0][key] + ckpts[1][key]) / 2, rtol=0, atol=1e-12)
+            norms = [float((m[key] - base[key]).norm() / d0.norm()) for m in (merged, lerp)]
+            assert norms[0] > norms[1] + 0.15  # slerp keeps the delta's length, averaging loses ~30%
+
+
+def test_task_slerp_of_a_base_and_one_checkpoint_gives_that_checkpoint() -> None:
+    """One checkpoint (given twice: a merge needs two) relative to a base: its delta comes back."""
+    base, a = _sd(10), _sd(0)
+    for weights in (None, [1.0, 5.0]):
+        merged = slerp_state_dicts([a, a], weights=weights, base=base)
+        for key in ("w", "b"):
+            torch.testing.assert_close(merged[key], a[key], rtol=0, atol=1e-6)
+        assert torch.equal(merged["steps"], a["steps"])
+    # and a checkpoint equal to the base adds nothing: the merge is the base plus t times the delta
+    half = slerp_state_dicts([base, a], base=base)
+    torch.testing.assert_close(half["w"], base["w"] + 0.5 * (a["w"] - base["w"]))
+
+
 # ---------------------------------------------------------------- folder merge on real tiny checkpoints
 
 

@@ -182,6 +182,21 @@ def test_two_workers_with_gathered_negatives_give_the_single_device_loss_and_gra
         assert_same_gradients(grads, ref_grads)
 
 
+@pytest.mark.parametrize("mini_batch_size", [None, 3], ids=["end-to-end", "gradcache"])
+def test_two_workers_give_the_single_device_loss_with_the_other_readings_of_eq1(
+        micro_cfg, micro_embedder, uneven_pairs, mini_batch_size):
+    """loss.dd_mask_on query and loss.in_batch_docs positives_and_negatives on the gathered global
+    batch (every worker's hard negatives are in-batch documents of every query)."""
+    loss = micro_cfg.stage2.loss.model_copy(update={"dd_mask_on": "query", "in_batch_docs": "positives_and_negatives"})
+    ref_loss, ref_grads, ranks = _embedding_case(micro_cfg, micro_embedder, uneven_pairs,
+                                                 mini_batch_size=mini_batch_size, loss=loss)
+    default_loss, _, _ = _embedding_case(micro_cfg, micro_embedder, uneven_pairs, mini_batch_size=mini_batch_size)
+    assert ref_loss > default_loss  # the other items' negatives entered Z
+    for got, grads in ranks:
+        assert got == pytest.approx(ref_loss, abs=1e-5)
+        assert_same_gradients(grads, ref_grads)
+
+
 def test_without_gathering_each_worker_sees_only_its_slice(micro_cfg, micro_embedder, uneven_pairs):
     cfg = micro_cfg.stage2.distributed.model_copy(update={"engine": "ray_train", "gather_negatives": False})
     ref_loss, ref_grads, ranks = _embedding_case(micro_cfg, micro_embedder, uneven_pairs, distributed=cfg)

@@ -12,6 +12,7 @@ line by line in whatever order the trainer asks for.
   pairs.py    `Pair`, the record formats, `PairFile` (streamed from disk), `read_pairs`
   beir.py     BEIR folders (`load_beir`) and the pairs they give (`pairs_from_beir`)
   sources.py  a stage's `data:` sources as one sequence of pairs (`load_source(s)`)
+  catalog.py  the data catalog (conf/catalog.yaml): hub data sets by name, streamed into a JSONL cache
   sts.py      STS TSVs as a BEIR folder or as training pairs (built into data/ by `data.derived`)
   writing.py  atomic writes (`atomic_write_text`, `write_jsonl`) and file modes
 

@@ -117,3 +117,17 @@ def str_list_field(obj: dict, key: str, where: str) -> list[str]:
     if not isinstance(value, list):
         raise DataError(f"{where}: field {key!r} must be a list of strings, got {type(value).__name__}")
     return [check_str(v, f"{key!r}[{i}]", where) for i, v in enumerate(value)]
+
+
+def read_json_object(path: Path, what: str, shape: str) -> dict[str, Any]:
+    """A JSON file holding one object; errors name the file (and line): `what` not found,
+    malformed JSON, or not an object (`shape` says what the object maps)."""
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object {shape}")
+    return data

@@ -142,10 +142,18 @@ class PairFile(Sequence[Pair]):
 
 
 class PairChain(Sequence[Pair]):
-    """Several pair sequences read as one, in order (the data sources of a training stage)."""
+    """Several pair sequences read as one, in order (the data sources of a training stage).
+    `sources`, one per part, says where each part came from (`load_sources`: its DataSource);
+    empty parts are dropped with theirs."""
 
-    def __init__(self, parts: Iterable[Sequence[Pair]]):
-        self.parts = [p for p in parts if len(p)]
+    def __init__(self, parts: Iterable[Sequence[Pair]], sources: Iterable[Any] | None = None):
+        parts = list(parts)
+        sources = [None] * len(parts) if sources is None else list(sources)
+        if len(sources) != len(parts):
+            raise ValueError(f"PairChain: {len(sources)} sources for {len(parts)} parts")
+        kept = [(p, s) for p, s in zip(parts, sources) if len(p)]
+        self.parts = [p for p, _ in kept]
+        self.sources = [s for _, s in kept]
         self._ends = list(itertools.accumulate(len(p) for p in self.parts))
 
     def __len__(self) -> int:
@@ -171,3 +179,12 @@ def read_pairs(path: str | Path, *, instruction: str | None = None, symmetric: b
     """All pairs of a JSONL file in memory (see PairFile for the streamed form)."""
     pairs = PairFile(path, instruction=instruction, symmetric=symmetric, limit=limit, skip_bad_lines=skip_bad_lines)
     return list(pairs), pairs.report
+
+
+def pair_task(pair: Pair) -> str:
+    """A pair's task type when its source names none: a synthetic pair's `meta.task` (retrieval,
+    bitext, sts, classification), else sts for a symmetric pair, else retrieval."""
+    task = pair.meta.get("task") if pair.meta else None
+    if isinstance(task, str) and task:
+        return task
+    return "sts" if pair.symmetric else "retrieval"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,6 +19,8 @@ from tasks.evaluation.fingerprints import folder_fingerprint, parameters_fingerp
 from tasks.evaluation.prompts import TaskPrompts
 from tasks.models import Embedder, Reranker
 from tasks.models.specs import load_sentence_transformer, sentence_transformers_source
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- mteb model wrappers
@@ -37,6 +40,19 @@ def _model_meta(name: str, revision: str, *, embed_dim: int | None, n_parameters
         experiment_kwargs={"dim": dim} if dim else None)
 
 
+def model_context(model) -> int | None:
+    """The longest input the backbone of an Embedder / Reranker takes (max_position_embeddings)."""
+    return getattr(getattr(getattr(model, "backbone", None), "config", None), "max_position_embeddings", None)
+
+
+def check_length(key: str, value: int | None, model, source: str) -> None:
+    """An eval max length (eval.max_query_length, ...) must fit the model's context."""
+    context = model_context(model)
+    if value is not None and context is not None and value > context:
+        raise ValueError(f"{key} {value} is longer than the model's context: {source} takes at most "
+                         f"{context} tokens (max_position_embeddings)")
+
+
 def _texts(inputs) -> list[str]:
     """mteb 2 hands encoders a DataLoader of batches ({"text": [...], ...})."""
     if isinstance(inputs, (list, tuple)):
@@ -54,7 +70,8 @@ class MtebEmbedder(AbsEncoder):
     def __init__(self, model: Embedder | Any, *, name: str, fingerprint: str,
                  prompts: TaskPrompts | None = None, dim: int | None = None, batch_size: int = 32,
                  cache: EmbeddingCache | None = None, show_progress: bool = False,
-                 symmetric: Sequence[str] = ()):
+                 symmetric: Sequence[str] = (), max_query_length: int | None = None,
+                 max_doc_length: int | None = None):
         self.model = model
         self.symmetric = set(symmetric)  # task names whose documents get the instruction too
         self.is_st = not isinstance(model, Embedder)
@@ -65,14 +82,22 @@ class MtebEmbedder(AbsEncoder):
         self.fingerprint = fingerprint
         self.show_progress = show_progress
         self.encode_calls = 0  # model forward passes actually run (cache misses)
+        n_params = sum(p.numel() for p in model.parameters())
         if self.is_st:
             get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-            hidden = get_dim()
-            n_params, max_tokens = sum(p.numel() for p in model.parameters()), model.max_seq_length
+            hidden, max_tokens = get_dim(), model.max_seq_length
+            if max_query_length or max_doc_length:
+                log.warning("%s is a SentenceTransformer: it keeps its own max_seq_length %s; "
+                            "eval.max_query_length / max_doc_length apply to our models", name, max_tokens)
+            self.max_query_length = self.max_doc_length = max_tokens
         else:
             hidden = model.hidden_size
-            n_params = sum(p.numel() for p in model.parameters())
-            max_tokens = max(model.cfg.max_query_length, model.cfg.max_doc_length)
+            # eval.max_*_length, else the lengths the model was trained with (its config)
+            self.max_query_length = max_query_length or model.cfg.max_query_length
+            self.max_doc_length = max_doc_length or model.cfg.max_doc_length
+            check_length("eval.max_query_length", max_query_length, model, name)
+            check_length("eval.max_doc_length", max_doc_length, model, name)
+            max_tokens = max(self.max_query_length, self.max_doc_length)
         if dim is not None and hidden is not None and dim > hidden:
             raise ValueError(f"--dim {dim} is larger than the model's embedding size {hidden}")
         self.mteb_model_meta = _model_meta(
@@ -92,9 +117,9 @@ class MtebEmbedder(AbsEncoder):
         if self.is_st:
             max_length = self.model.max_seq_length
         elif prompt_type == PromptType.query:
-            max_length = self.model.cfg.max_query_length
+            max_length = self.max_query_length
         else:  # documents, and both sides of symmetric tasks (which may be long: clustering P2P)
-            max_length = self.model.cfg.max_doc_length
+            max_length = self.max_doc_length
         return self.embed(texts, instruction=instruction, max_length=max_length, batch_size=batch_size)
 
     def embed(self, texts: Sequence[str], *, instruction: str | None, max_length: int | None,
@@ -127,14 +152,16 @@ class MtebReranker:
     Not an AbsEncoder on purpose: mteb must see a CrossEncoderProtocol, not an encoder."""
 
     def __init__(self, model: Reranker, *, name: str, fingerprint: str, prompts: TaskPrompts | None = None,
-                 batch_size: int = 16):
+                 batch_size: int = 16, max_length: int | None = None):
         self.model = model
         self.prompts = prompts or TaskPrompts.load()
         self.batch_size = batch_size
         self.predict_calls = 0
+        self.max_length = max_length or model.cfg.max_rerank_length  # eval.max_rerank_length, else trained
+        check_length("eval.max_rerank_length", max_length, model, name)
         self.mteb_model_meta = _model_meta(
             name if "/" in name else f"q3e/{name}", fingerprint, embed_dim=None,
-            n_parameters=sum(p.numel() for p in model.parameters()), max_tokens=model.cfg.max_rerank_length,
+            n_parameters=sum(p.numel() for p in model.parameters()), max_tokens=self.max_length,
             cross_encoder=True)
 
     def predict(self, inputs1, inputs2, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None,
@@ -142,7 +169,7 @@ class MtebReranker:
         queries, documents = _texts(inputs1), _texts(inputs2)
         self.predict_calls += 1
         return self.model.score(queries, documents, instruction=self.prompts.for_task(task_metadata),
-                                batch_size=self.batch_size)
+                                batch_size=self.batch_size, max_length=self.max_length)
 
 
 # ----------------------------------------------------------------------------- loading models
@@ -192,29 +219,34 @@ def load_reranker_model(spec: str | Path | ModelConfig | Reranker, *, device=Non
     return LoadedModel(rr, slug(Path(spec_name).name) + "-reranker", fp)
 
 
-def model_settings(model) -> dict | None:
-    """The settings an Embedder is scored with (layers kept, max lengths); None for other models."""
+def model_settings(model, *, max_query_length: int | None = None, max_doc_length: int | None = None) -> dict | None:
+    """The settings an Embedder is scored with (layers kept, max lengths: the eval.max_*_length given,
+    else the model's own); None for other models."""
     if not isinstance(model, Embedder):
         return None
-    return {"num_layers": model.backbone.config.num_hidden_layers, "max_query_length": model.cfg.max_query_length,
-            "max_doc_length": model.cfg.max_doc_length}
+    return {"num_layers": model.backbone.config.num_hidden_layers,
+            "max_query_length": max_query_length or model.cfg.max_query_length,
+            "max_doc_length": max_doc_length or model.cfg.max_doc_length}
 
 
 def as_mteb_encoder(model, *, prompts: TaskPrompts | None = None, dim: int | None = None,
                     batch_size: int = 32, cache: EmbeddingCache | None = None, device=None,
-                    revision: str | None = None, symmetric: Sequence[str] = ()):
+                    revision: str | None = None, symmetric: Sequence[str] = (),
+                    max_query_length: int | None = None, max_doc_length: int | None = None):
     """Anything `evaluate_model` accepts -> an mteb encoder. An object that already carries
     `mteb_model_meta` (e.g. a test's oracle encoder) is used as is."""
     if hasattr(model, "mteb_model_meta") and not isinstance(model, (Embedder, Reranker)):
         return model
     loaded = load_embedding_model(model, device=device, revision=revision)
     return MtebEmbedder(loaded.model, name=loaded.name, fingerprint=loaded.fingerprint, prompts=prompts,
-                        dim=dim, batch_size=batch_size, cache=cache, symmetric=symmetric)
+                        dim=dim, batch_size=batch_size, cache=cache, symmetric=symmetric,
+                        max_query_length=max_query_length, max_doc_length=max_doc_length)
 
 
-def as_mteb_reranker(model, *, prompts: TaskPrompts | None = None, batch_size: int = 16, device=None):
+def as_mteb_reranker(model, *, prompts: TaskPrompts | None = None, batch_size: int = 16, device=None,
+                     max_length: int | None = None):
     if hasattr(model, "mteb_model_meta") and hasattr(model, "predict"):
         return model
     loaded = load_reranker_model(model, device=device)
     return MtebReranker(loaded.model, name=loaded.name, fingerprint=loaded.fingerprint, prompts=prompts,
-                        batch_size=batch_size)
+                        batch_size=batch_size, max_length=max_length)

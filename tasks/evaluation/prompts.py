@@ -4,12 +4,12 @@ plus user overrides)."""
 from __future__ import annotations
 
 import fnmatch
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
 from tasks.config import CONF_DIR
 from tasks.data import DataError
+from tasks.data.jsonl import read_json_object
 from tasks.models import DEFAULT_INSTRUCTION
 
 PROMPTS_FILE = CONF_DIR / "task_prompts.json"  # Q3E_CONF_DIR moves it with the rest of conf/
@@ -52,14 +52,7 @@ class TaskPrompts:
 
 
 def _read_prompts(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        raise DataError(f"{path}: task prompts file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object of task name -> instruction")
+    data = read_json_object(path, "task prompts file", "of task name -> instruction")
     for k, v in data.items():
         if not k.startswith("_") and not isinstance(v, str):
             raise DataError(f"{path}: field {k!r} must be a string instruction, got {type(v).__name__}")

@@ -68,14 +68,16 @@ class Reranker(nn.Module):
 
     @torch.inference_mode()
     def score(self, queries: Sequence[str], documents: Sequence[str], *, instruction: str | None = None,
-              batch_size: int = 16, show_progress: bool = False) -> np.ndarray:
+              batch_size: int = 16, show_progress: bool = False, max_length: int | None = None) -> np.ndarray:
+        """Relevance in (0, 1) of each (query, document); inputs cut to max_length tokens (None =
+        model.max_rerank_length)."""
         from tqdm.auto import tqdm
 
         if len(queries) != len(documents):
             raise ValueError(f"{len(queries)} queries but {len(documents)} documents")
         was_training = self.training
         self.eval()
-        ids = self.token_ids(queries, documents, instruction)
+        ids = self.token_ids(queries, documents, instruction, max_length)
         out = np.zeros(len(ids), dtype=np.float32)
         for batch in tqdm(batch_by_length([len(x) for x in ids], batch_size), disable=not show_progress,
                           desc="rerank", unit="batch"):

@@ -3,6 +3,7 @@
     steps.py       the batch of step b; the forward + backward of the embedding loss (eq. 1, with
                    GradCache and length buckets) and of the reranker loss (eq. 2), for any world size
     loop.py        the step loop (`fit`), the model a stage trains, `final/` and its summary
+    sampling.py    which pairs make up batch b: mixed (permutations of all pairs) or task_balanced
     engines.py     one process / DDP / DeepSpeed: passes, gradient all-gather, backward, optimizer step
     checkpoint.py  the checkpoint format: write (atomic, fsynced), list, read, resume
     history.py     metrics.jsonl and the loss plot

@@ -1,8 +1,9 @@
 """The step loop, one for every stage (stage-1 pre-training, stage-2 SFT, reranker SFT) and every
 engine (one process, Ray Train DDP, DeepSpeed); stages differ by their `TrainConfig`, never by code.
 
-- data order: a seeded permutation per epoch over all pairs (`batch_indices`), so a resumed run
-  sees exactly the batches the uninterrupted run would have;
+- data order: a seeded permutation per epoch over all pairs (`batch_indices`), or with
+  `sampling.mode: task_balanced` one task type per batch (sampling.py); either way batch b is a
+  pure function of (seed, b), so a resumed run sees exactly the batches of the uninterrupted run;
 - schedule: linear warm-up, then cosine decay to `min_lr_ratio * lr` (engines.lr_lambda);
 - checkpoints every `checkpoint_every` steps (checkpoint.py); a run resumes from the newest one;
 - on N workers rank 0 writes the history, the checkpoints and `final/`.
@@ -28,7 +29,8 @@ from tasks.models import Embedder, Reranker, resolve_model_config
 from tasks.training.checkpoint import fsync_tree, list_checkpoints
 from tasks.training.engines import Engine, LocalEngine
 from tasks.training.history import append_history, plot_history, read_history, step_record, write_history
-from tasks.training.steps import batch_indices, config_at_step, embedding_batch, embedding_step, reranker_step
+from tasks.training.sampling import batch_sampler
+from tasks.training.steps import config_at_step, embedding_batch, embedding_step, reranker_step
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,7 @@ def fit(engine: Engine, cfg: TrainConfig, pairs: list[Pair], out_dir: Path, batc
     if writer:
         write_history(out_dir, history)  # drop lines of steps after the checkpoint (a crashed run's)
     n = len(pairs)
+    batch_of = batch_sampler(cfg.sampling, pairs, batch_size, cfg.seed)
     step_times: list[float] = []
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"train {out_dir.name}", unit="step")
     with bar:  # closed however the loop ends, so an error line starts on a line of its own
@@ -99,7 +102,7 @@ def fit(engine: Engine, cfg: TrainConfig, pairs: list[Pair], out_dir: Path, batc
             loss_sum, count, n_pairs = 0.0, 0, 0
             for micro in range(cfg.grad_accum):
                 b = step * cfg.grad_accum + micro
-                chunk = [pairs[i] for i in batch_indices(n, b, batch_size, cfg.seed)]
+                chunk = [pairs[i] for i in batch_of(b)]
                 n_pairs += len(chunk)
                 sync = micro == cfg.grad_accum - 1  # gradients are all-reduced in the last micro-batch
                 if cfg.objective == "embedding":

@@ -75,7 +75,8 @@ class EmbeddingBatch:
     queries: list[str]
     positives: list[str]
     negatives: list[list[str]]
-    same_pos: torch.Tensor  # [N, N] bool
+    same_pos: torch.Tensor  # [N, N] bool: item j's positive is item i's positive text
+    same_neg: torch.Tensor | None = None  # [N, N, K] bool: item j's k-th negative is item i's positive text
 
     @property
     def num_texts(self) -> int:
@@ -83,7 +84,8 @@ class EmbeddingBatch:
 
     def slice(self, lo: int, hi: int) -> "EmbeddingBatch":
         return EmbeddingBatch(self.queries[lo:hi], self.positives[lo:hi], self.negatives[lo:hi],
-                              self.same_pos[lo:hi, lo:hi])
+                              self.same_pos[lo:hi, lo:hi],
+                              None if self.same_neg is None else self.same_neg[lo:hi, lo:hi])
 
 
 def embedding_batch(pairs: Sequence[Pair], k: int, seed: int, batch: int) -> EmbeddingBatch:
@@ -96,7 +98,15 @@ def embedding_batch(pairs: Sequence[Pair], k: int, seed: int, batch: int) -> Emb
                  else sample_negatives(p, k, seed, batch, i) for i, p in enumerate(pairs)]
     ids = {t: i for i, t in enumerate(dict.fromkeys(positives))}
     pid = torch.tensor([ids[t] for t in positives])
-    return EmbeddingBatch(queries, positives, negatives, pid[:, None] == pid[None, :])
+    # the positive id of each negative slot, in the padded [N, k] layout of `assemble_negatives`
+    # (-1: padding, or a text that is nobody's positive): with loss.in_batch_docs
+    # positives_and_negatives another item's hard negative that is item i's positive is masked
+    nid = torch.full((len(pairs), k), -1)
+    for j, negs in enumerate(negatives):
+        for slot, t in enumerate(negs):
+            nid[j, slot] = ids.get(t, -1)
+    same_neg = pid[:, None, None] == nid[None, :, :]
+    return EmbeddingBatch(queries, positives, negatives, pid[:, None] == pid[None, :], same_neg)
 
 
 def as_engine(target: Engine | torch.nn.Module) -> Engine:
@@ -151,7 +161,10 @@ def embedding_loss_from_embeddings(q, p, nflat, batch: EmbeddingBatch, cfg: Trai
     neg, neg_mask = assemble_negatives(nflat, batch.negatives, cfg.hard_negatives)
     lc = cfg.loss
     kwargs = dict(temperature=lc.temperature, margin=lc.margin, same_pos=batch.same_pos.to(q.device),
-                  neg_mask=neg_mask, qq=lc.qq, dd=lc.dd, qd=lc.qd, mask_false_negatives=lc.mask_false_negatives)
+                  neg_mask=neg_mask, qq=lc.qq, dd=lc.dd, qd=lc.qd, mask_false_negatives=lc.mask_false_negatives,
+                  dd_mask_on=lc.dd_mask_on, in_batch_docs=lc.in_batch_docs)
+    if lc.in_batch_docs == "positives_and_negatives" and neg is not None and batch.same_neg is not None:
+        kwargs["same_neg"] = batch.same_neg.to(q.device)
     if lc.mrl_dims:
         return mrl_infonce(q, p, neg, dims=lc.mrl_dims, **kwargs)
     return improved_infonce(q, p, neg, **kwargs)
