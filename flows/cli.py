@@ -23,7 +23,6 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
 
 app = typer.Typer(
@@ -236,13 +235,16 @@ def eval_cmd(
     model: str = typer.Argument(..., help="embedding model: a saved model folder, micro, bundled:smollm2, "
                                           "bundled:all-minilm-l6-v2, st:<SentenceTransformer path> or a hub name"),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="evaluate as `q3e run --preset NAME` "
-                                         "does: that preset's eval sets, symmetric sets, rerank_top_k and batch "
-                                         "size (a task flag below replaces its sets; a flag given wins)"),
+                                         "does: that preset's eval sets, symmetric sets, dims, rerank settings, "
+                                         "max lengths and batch size (a task flag below replaces its sets; a flag "
+                                         "given wins)"),
     files: Optional[List[Path]] = typer.Option(None, "--config", "-c", help="extra YAML overlay files for "
                                                "--preset, applied in order"),
-    benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b",
-                                            help="mteb benchmark, e.g. 'MTEB(eng, v2)', 'MTEB(cmn, v1)', "
-                                                 "'MTEB(Multilingual)', 'MTEB(Code)' (needs the hub for data)"),
+    benchmark: Optional[List[str]] = typer.Option(None, "--benchmark", "-b",
+                                                  help="mteb benchmark (repeatable), e.g. 'MTEB(eng, v2)', "
+                                                       "'MTEB(cmn, v1)', 'MTEB(Multilingual)', 'MTEB(Code, v1)'; "
+                                                       "each gets its Mean(Task) and Mean(Type) (needs the hub "
+                                                       "for data)"),
     task: Optional[List[str]] = typer.Option(None, "--task", "-t", help="mteb task name, e.g. NFCorpus (repeatable)"),
     task_dir: Optional[List[Path]] = typer.Option(None, "--task-dir", help="local BEIR folder: corpus.jsonl, "
                                                   "queries.jsonl, qrels/test.tsv (repeatable)"),
@@ -257,19 +259,41 @@ def eval_cmd(
                                            "retrieval task with this reranker (saved folder, micro, ...)"),
     rerank_top_k: int = typer.Option(_default("eval.rerank_top_k"), "--rerank-top-k",
                                      help="documents per query given to the reranker"),
-    dim: Optional[int] = typer.Option(None, "--dim", help="MRL dimension: evaluate emb[:, :dim], re-normalised"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="result JSON (default runs/eval/<model>-<rev>.json)"),
+    rerank_type: Optional[List[str]] = typer.Option(None, "--rerank-type", help="an mteb task type the reranker "
+                                                    "reranks (repeatable): Retrieval, Reranking, "
+                                                    "InstructionRetrieval, InstructionReranking (default "
+                                                    "eval.rerank_types)"),
+    first_stage: Optional[Path] = typer.Option(None, "--first-stage", help="a first-stage file {task: {qid: "
+                                               "{docid: score}}}, e.g. one --save-first-stage wrote: the "
+                                               "reranker reranks its top-k instead of the embedding model's"),
+    save_first_stage: bool = typer.Option(_default("eval.save_first_stage"),
+                                          "--save-first-stage/--no-save-first-stage",
+                                          help="write the embedding model's top --rerank-top-k per query of "
+                                               "every reranked task beside the results (<out "
+                                               "stem>.first_stage.json), to give as --first-stage later"),
+    dim: Optional[int] = typer.Option(None, "--dim", help="MRL dimension: evaluate emb[:, :dim], re-normalised, "
+                                      "only (default: the full dimension, then each of the preset's eval.dims "
+                                      "as <task>@<dim>)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="result JSON (default runs/eval/<model>-<rev>.json); "
+                                       "each of the preset's eval.dims writes <out stem>@<dim>.json beside it"),
     max_queries: Optional[int] = typer.Option(None, "--max-queries", help="subsample BEIR queries (fixed seed)"),
     max_corpus: Optional[int] = typer.Option(None, "--max-corpus", help="subsample BEIR documents; documents "
                                              "judged for the kept queries are always kept"),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="subsample STS / pair-classification pairs"),
+    max_query_length: Optional[int] = typer.Option(None, "--max-query-length", help="tokens kept of each query "
+                                                   "(default: the model's own max_query_length)"),
+    max_doc_length: Optional[int] = typer.Option(None, "--max-doc-length", help="tokens kept of each document "
+                                                 "(default: the model's own max_doc_length)"),
+    max_rerank_length: Optional[int] = typer.Option(None, "--max-rerank-length", help="tokens of each reranker "
+                                                    "input (default: the reranker's own max_rerank_length)"),
     batch_size: int = typer.Option(_default("eval.batch_size"), "--batch-size", help="texts per forward pass"),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSON {task name: instruction} overriding "
                                            "conf/task_prompts.json"),
     mlflow_run_id: Optional[str] = typer.Option(None, "--mlflow-run-id", help="log eval/<task>/<metric> to this "
                                                 "existing MLflow run"),
 ) -> None:
-    """Evaluate an embedding model (and optionally a reranker on its top-k) with mteb; print each task's main score.
+    """Evaluate an embedding model (and optionally a reranker on its top-k) with mteb; print each task's main score,
+    and each benchmark's Mean(Task) and Mean(Type).
 
     Main scores: nDCG@10 (retrieval), Spearman of cosine (STS), max AP (pair classification).
     Examples: q3e eval micro --task-dir data/beir/nq-msmarco-hardneg --max-queries 5 --max-corpus 50;
@@ -278,7 +302,7 @@ def eval_cmd(
     """
     from tasks.data import DataError
     from tasks.config import EvalConfig
-    from tasks.evaluation.run import evaluate_model
+    from tasks.evaluation.run import evaluation_record
     from tasks.models import ModelLoadError
 
     _setup_logging()
@@ -289,23 +313,34 @@ def eval_cmd(
                                "--pairclf"))
 
     def given(name: str) -> bool:
-        return ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
+        # by name: typer's Context reports the ParameterSource of the click it vendors, not of `click`
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name != "DEFAULT"
 
+    # eval.<key> <- the flag that sets it, where their names differ
+    flag_of = {"rerank_types": "rerank_type"}
     try:
         # the flags name every task set (none of conf's eval sets is added); the rest is conf/base.yaml's,
         # or with --preset that preset's eval section
-        fields = dict(benchmark=benchmark, tasks=task or [], task_dirs=[str(p) for p in task_dir or []],
-                      sts=[str(p) for p in sts or []], pairclf=[str(p) for p in pairclf or []],
-                      rerank_top_k=rerank_top_k, batch_size=batch_size, max_queries=max_queries,
-                      max_corpus=max_corpus, max_pairs=max_pairs, symmetric=list(symmetric or []))
+        fields = dict(benchmark=list(benchmark or []) or None, tasks=task or [],
+                      task_dirs=[str(p) for p in task_dir or []], sts=[str(p) for p in sts or []],
+                      pairclf=[str(p) for p in pairclf or []], rerank_top_k=rerank_top_k,
+                      rerank_types=list(rerank_type or []) or _default("eval.rerank_types"),
+                      first_stage=str(first_stage) if first_stage else None, save_first_stage=save_first_stage,
+                      batch_size=batch_size, max_queries=max_queries, max_corpus=max_corpus, max_pairs=max_pairs,
+                      max_query_length=max_query_length, max_doc_length=max_doc_length,
+                      max_rerank_length=max_rerank_length, symmetric=list(symmetric or []),
+                      dims=_default("eval.dims"))
         if preset:
             pcfg = _config(preset, None, files)
             base = pcfg.eval.model_dump()
             if not named:
                 _data_ready(pcfg)
             keep = {"benchmark", "tasks", "task_dirs", "sts", "pairclf", "symmetric"} if not named else set()
-            keep |= {k for k in ("rerank_top_k", "batch_size", "max_queries", "max_corpus", "max_pairs")
-                     if not given(k)}
+            keep |= {"dims"} | {k for k in ("rerank_top_k", "rerank_types", "first_stage", "save_first_stage",
+                                            "batch_size", "max_queries", "max_corpus", "max_pairs",
+                                            "max_query_length", "max_doc_length", "max_rerank_length")
+                                if not given(flag_of.get(k, k))}
             if symmetric:
                 keep.discard("symmetric")
             fields = {k: (base[k] if k in keep else v) for k, v in fields.items()}
@@ -313,13 +348,43 @@ def eval_cmd(
                 fields["symmetric"] = [n for n in base["symmetric"]
                                        if any(Path(d).name == n for d in fields["task_dirs"])]
         cfg = EvalConfig(**fields)
-        results = evaluate_model(model, cfg, reranker=reranker, dim=dim, out=out, prompts=prompts,
-                                 mlflow_run_id=mlflow_run_id, show=False)
+        # --dim: that dimension only; else the full one, then each of eval.dims as <task>@<dim> (as q3e run)
+        dims = [(dim, "")] if dim is not None else [(None, ""), *((d, f"@{d}") for d in cfg.dims)]
+        results: dict = {}
+        benchmarks: dict = {}
+        for d, at in dims:
+            record = evaluation_record(model, cfg, reranker=reranker, dim=d, prompts=prompts, show=False,
+                                       out=out.with_name(f"{out.stem}{at}{out.suffix}") if out and at else out,
+                                       mlflow_run_id=None if at else mlflow_run_id)
+            scores = {f"{name}{at}": m for name, m in record["results"].items()}
+            summaries = {f"{name}{at}": s for name, s in record.get("benchmarks", {}).items()}
+            results.update(scores)
+            benchmarks.update(summaries)
+            if at and mlflow_run_id:  # the extra dims' metrics beside the full dimension's, not over them
+                from tasks.tracking import log_eval_results
+
+                log_eval_results(mlflow_run_id, scores, Path(record["file"]), benchmarks=summaries)
     except (DataError, ModelLoadError, ValueError, FileNotFoundError) as e:  # ValueError: also a bad flag
         raise _fail(e) from None
     width = max(len(name) for name in results)
     for name, scores in results.items():
         typer.echo(f"{name:{width}s}  main score {scores['main_score']:.4f}")
+    for name, s in benchmarks.items():
+        typer.echo(_benchmark_line(name, s))
+
+
+def _benchmark_line(name: str, summary: dict) -> str:
+    """One benchmark's means on one line: Mean(Task), Mean(Type), missing tasks, reranked mean."""
+    def f(x) -> str:
+        return "–" if x is None else f"{x:.4f}"
+
+    line = f"{name}  Mean(Task) {f(summary['mean_task'])}  Mean(Type) {f(summary['mean_type'])}"
+    if summary["n_missing"]:
+        line += f"  ({summary['n_missing']} of {summary['n_tasks']} tasks missing)"
+    rr = summary.get("rerank")
+    if rr:
+        line += f"  reranked {f(rr['mean_embedder'])} -> {f(rr['mean_reranked'])} ({rr['n_tasks']} tasks)"
+    return line
 
 
 @app.command("synth")

@@ -4,6 +4,9 @@
     scored by the stage-1 model) -> stage 2 (SFT, labelled + filtered synthetic) -> slerp merge
     -> reranker SFT + merge -> evaluation of backbone, stage 1, stage 2, merged, reranker
 
+With `stage2_balances`, stage 2 is trained once per task balance (concurrent Ray tasks) and the merge
+takes their finals (task_slerp from their common start) instead of one run's last checkpoints.
+
 Every stage is a Prefect task over a content-addressed folder (tasks/stages.py): unchanged inputs
 are reused, a failed stage resumes from its own checkpoints/shards. The flow connects to Ray once
 and decides what runs where: training and evaluation run as Ray tasks with the resources of their
@@ -14,7 +17,6 @@ one parent run per pipeline run, one nested run per stage, all logged from this 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -24,11 +26,14 @@ from typing import Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, wait
 
 from tasks import lineage, report, tracking
-from tasks.config import ModelConfig, PipelineConfig, Resources, load_config
+from tasks.config import ModelConfig, PipelineConfig, Resources, TrainConfig, flatten, load_config
 from tasks.distributed import init_ray, place_actors, run_remote
-from tasks.stages import StageDir, merge_stage, stage_dir, stage_key, timed, train_resources, train_stage
+from tasks.stages import (
+    StageDir, eval_key, merge_stage, stage_dir, stage_key, timed, train_resources, train_stage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -167,18 +172,51 @@ def filtering(ctx: Context, synth: dict | None, s1: dict | None) -> dict | None:
         params=_section(cfg, "filter"))
 
 
-def stage2(ctx: Context, s1: dict | None, filtered: dict | None) -> dict | None:
+def stage2(ctx: Context, s1: dict | None, filtered: dict | None, train: TrainConfig | None = None,
+           name: str = "stage2", submit: bool = False) -> dict | PrefectFuture | None:
+    """Stage 2 with `train` (default: the stage2 section) in stage2/<key>; `submit`: as a Prefect future."""
     cfg = ctx.cfg
     if not cfg.stage2.enabled:
         return None
+    train = cfg.stage2 if train is None else train
     extra = [filtered["kept_dir"]] if filtered and filtered.get("n_kept", 0) > 0 else []
-    key = stage_key("stage2", train=cfg.stage2, model=cfg.model, init=s1["key"] if s1 else None,
+    key = stage_key("stage2", train=train, model=cfg.model, init=s1["key"] if s1 else None,
                     filtered=filtered["key"] if filtered else None, data=ctx.data_md5)
-    sd = stage_dir(ctx.artifacts, "stage2", key)
-    return run_stage.with_options(name=sd.name)(
-        ctx, sd, train_stage, (cfg.stage2, cfg.model, str(sd.path)),
+    sd = stage_dir(ctx.artifacts, name, key, folder="stage2")
+    stage = run_stage.with_options(name=sd.name)
+    params = {f"stage2.{k}": v for k, v in flatten(train.model_dump(mode="json")).items()}
+    return (stage.submit if submit else stage)(
+        ctx, sd, train_stage, (train, cfg.model, str(sd.path)),
         {"init": s1["final"] if s1 else None, "extra_data": extra, "data_root": str(ctx.root)},
-        resources=train_resources(cfg.stage2), params=_section(cfg, "stage2"))
+        resources=train_resources(train), params=params)
+
+
+def stage2_balances(ctx: Context, s1: dict | None, filtered: dict | None) -> list[dict]:
+    """Stage 2 once per entry of `stage2_balances` (stage2-balance<i>: batches drawn task_balanced with
+    the entry's weights), each with its own key, folder and resume. They run as concurrent Ray tasks;
+    with ray_train (Ray Train places its own workers) one after the other."""
+    cfg = ctx.cfg
+    if not cfg.stage2.enabled:
+        return []
+    trains = [cfg.stage2.model_copy(update={"sampling": b.sampling}) for b in cfg.stage2_balances]
+    names = [f"stage2-balance{i}" for i in range(len(trains))]
+    if train_resources(cfg.stage2) is None:
+        return [stage2(ctx, s1, filtered, train, name) for train, name in zip(trains, names)]
+    futures = [stage2(ctx, s1, filtered, train, name, submit=True) for train, name in zip(trains, names)]
+    wait(futures)  # every balance finishes (or fails) before a failure is raised
+    return [f.result() for f in futures]
+
+
+def backbone(ctx: Context) -> dict:
+    """The backbone saved as a model folder, keyed as the backbone is evaluated: the start of stage 2
+    when stage 1 does not run, so the base a task_slerp merge takes the deltas from."""
+    from tasks.stages import backbone_stage
+
+    cfg = ctx.cfg
+    sd = stage_dir(ctx.artifacts, "backbone", stage_key("backbone", model=cfg.model))
+    return run_stage.with_options(name=sd.name)(
+        ctx, sd, backbone_stage, (cfg.model, str(sd.path)), resources=cfg.stage2.resources,
+        params=_section(cfg, "model"))
 
 
 def merging(ctx: Context, trained: dict | None, merge_cfg, name: str, base: str | None = None) -> dict | None:
@@ -194,6 +232,26 @@ def merging(ctx: Context, trained: dict | None, merge_cfg, name: str, base: str 
         ctx, sd, merge_stage, (ckpts, str(sd.path)),
         {"weights": merge_cfg.weights, "base": base if merge_cfg.method == "task_slerp" else None},
         params={f"{name}.{k}": v for k, v in merge_cfg.model_dump(mode="json").items()})
+
+
+def balances_merging(ctx: Context, balances: list[dict], s1: dict | None) -> dict | None:
+    """The merge of the balances' stage-2 finals (one each, merge.weights one per balance): task_slerp
+    of their deltas from their common start (stage 1's final, else the backbone saved as a folder),
+    or slerp of the raw weights."""
+    cfg = ctx.cfg
+    if not cfg.merge.enabled or not balances:
+        return None
+    if len(balances) < 2:
+        _logger().warning("merge: one stage-2 balance; nothing to merge")
+        return None
+    base = (s1 or backbone(ctx)) if cfg.merge.method == "task_slerp" else None
+    key = stage_key("merge", merge=cfg.merge, trained=[b["key"] for b in balances],
+                    base=base["key"] if base else None)
+    sd = stage_dir(ctx.artifacts, "merge", key)
+    return run_stage.with_options(name=sd.name)(
+        ctx, sd, merge_stage, ([b["final"] for b in balances], str(sd.path)),
+        {"weights": cfg.merge.weights, "base": base["final"] if base else None},
+        params={**_section(cfg, "merge"), "merge.balances": len(balances)})
 
 
 def reranker(ctx: Context, filtered: dict | None) -> dict | None:
@@ -220,12 +278,9 @@ def evaluation(ctx: Context, name: str, model: str | ModelConfig, model_key: str
     from tasks.stages import eval_stage
 
     cfg = ctx.cfg
-    from tasks.evaluation.prompts import PROMPTS_FILE
-
-    # the task instructions are part of what is measured: a changed conf/task_prompts.json re-evaluates
-    prompts = hashlib.sha256(PROMPTS_FILE.read_bytes()).hexdigest()[:16]
-    key = stage_key("eval", eval=cfg.eval, model=model_key, reranker=reranker_key, data=ctx.data_md5,
-                    prompts=prompts)
+    # the task instructions and a fixed first stage are part of what is measured: editing
+    # conf/task_prompts.json or the eval.first_stage file re-evaluates
+    key = eval_key(cfg.eval, model=model_key, reranker=reranker_key, data=ctx.data_md5, root=ctx.root)
     sd = stage_dir(ctx.artifacts, f"eval-{name}", key)
     return run_stage.with_options(name=sd.name)(
         ctx, sd, eval_stage, (model, cfg.eval, str(sd.path)),
@@ -278,8 +333,13 @@ def pipeline(preset: str = "smol", overrides: list[str] | None = None, ablation:
         synth = synthesis(ctx)
         s1 = stage1(ctx, synth)
         filtered = filtering(ctx, synth, s1)
-        s2 = stage2(ctx, s1, filtered)
-        merged = merging(ctx, s2, cfg.merge, "merge", base=s1["final"] if s1 else None)
+        balances = stage2_balances(ctx, s1, filtered) if cfg.stage2_balances else []
+        if cfg.stage2_balances:  # "stage2" below is the first balance's model
+            s2 = balances[0] if balances else None
+            merged = balances_merging(ctx, balances, s1)
+        else:
+            s2 = stage2(ctx, s1, filtered)
+            merged = merging(ctx, s2, cfg.merge, "merge", base=s1["final"] if s1 else None)
         rr = reranker(ctx, filtered)
         rr_merged = merging(ctx, rr, cfg.reranker_merge, "reranker-merge")
 
@@ -290,17 +350,19 @@ def pipeline(preset: str = "smol", overrides: list[str] | None = None, ablation:
             if res:
                 models[name] = (res["final"], res["key"])
         final_name = list(models)[-1]
-        results: dict[str, dict] = {}
+        evaluated: dict[str, dict] = {}
         for name, (path, key) in models.items():
-            results[name] = evaluation(ctx, name, path, key)["results"]
+            evaluated[name] = evaluation(ctx, name, path, key)
         final_rr = rr_merged or rr
         if final_rr:
             path, key = models[final_name]
-            results["reranker"] = evaluation(ctx, "reranker", path, key, final_rr["final"], final_rr["key"])["results"]
+            evaluated["reranker"] = evaluation(ctx, "reranker", path, key, final_rr["final"], final_rr["key"])
+        results = {name: res["results"] for name, res in evaluated.items()}
+        benchmarks = {name: res["benchmarks"] for name, res in evaluated.items() if res.get("benchmarks")}
 
         summary = _summarise(ctx, results, final_name, models, final_rr, t_start, tags=tags, synth=synth,
                              filtered=filtered, overrides=overrides or [], config_files=config_files or [],
-                             merged=merged)
+                             merged=merged, benchmarks=benchmarks, balances=balances)
         _log_final(ctx, summary, _model_label(models[final_name][0]), final_rr["final"] if final_rr else None)
         status = "FINISHED"
         return summary
@@ -321,7 +383,8 @@ def main_scores(results: dict) -> dict[str, float]:
 
 def _summarise(ctx: Context, results: dict, final_name: str, models: dict, final_rr: dict | None,
                t_start: float, *, tags: dict, synth: dict | None, overrides: list[str],
-               config_files: list[str], merged: dict | None = None, filtered: dict | None = None) -> dict:
+               config_files: list[str], merged: dict | None = None, filtered: dict | None = None,
+               benchmarks: dict | None = None, balances: list[dict] | None = None) -> dict:
     """The run's summary.json: everything `q3e report` needs, so a report never asks MLflow."""
     from datetime import datetime, timezone
 
@@ -329,7 +392,9 @@ def _summarise(ctx: Context, results: dict, final_name: str, models: dict, final
     compute = sum(t["compute_s"] for t in ctx.timings)
     table = {name: main_scores(res) for name, res in results.items()}
     flat = ctx.cfg.flat()
-    return {
+    # a merge of stage-2 balances merged their finals: named by stage, not by folder
+    stage_of = {b["final"]: f"stage2-balance{i}" for i, b in enumerate(balances or [])}
+    summary = {
         "run_id": ctx.parent_run_id, "preset": ctx.cfg.preset, "ablation": ctx.cfg.ablation,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": tags["git_commit"], "config_hash": tags["config_hash"], "dvc_data_md5": tags["dvc_data_md5"],
@@ -338,15 +403,22 @@ def _summarise(ctx: Context, results: dict, final_name: str, models: dict, final
         "final_model": final_name, "final_model_path": _model_label(models[final_name][0]),
         "reranker_path": final_rr["final"] if final_rr else None,
         "scores": table, "checks": report.stage_checks(table, final_name), "results": results,
-        "merge": {"checkpoints": [Path(c).parent.name if Path(c).name == "model" else Path(c).name
-                                  for c in merged["checkpoints"]],
+        "merge": {"checkpoints": [stage_of.get(c) or (Path(c).parent.name if Path(c).name == "model"
+                                                      else Path(c).name) for c in merged["checkpoints"]],
                   "relative_spread": merged.get("relative_spread")} if merged else None,
         "synthesis": _read_json(synth["stats"]) if synth else None, "train_pairs": _train_pairs(models),
         "filter": _read_json(filtered["report"]) if filtered else None,
         "stages": ctx.timings, "wall_s": total, "compute_s": compute,
         "overhead_s": total - compute, "data_md5": ctx.data_md5,
         "tracking_uri": __import__("mlflow").get_tracking_uri(),
+        # per model, Mean(Task) / Mean(Type) of each mteb benchmark (tasks/report.py: Benchmarks)
+        "benchmarks": benchmarks or {}, "first_stage": ctx.cfg.eval.first_stage,
     }
+    if balances:  # which stage-2 model is which balance ("stage2" in the scores: the first)
+        summary["stage2_balances"] = [{"stage": f"stage2-balance{i}", "weights": b.weights, "key": res["key"],
+                                       "final": res["final"]}
+                                      for i, (b, res) in enumerate(zip(ctx.cfg.stage2_balances, balances))]
+    return summary
 
 
 def _read_json(path: str) -> dict | None:

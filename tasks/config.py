@@ -276,6 +276,23 @@ class MergeConfig(Strict):
         return self
 
 
+class Stage2Balance(Strict):
+    """One task balance of `stage2_balances`: a stage 2 whose batches are drawn task_balanced with
+    these weights (SamplingConfig), from the same start as the others; their finals are merged."""
+
+    weights: dict[str, float] = Field(description="task type -> weight (>= 0, every type in the data "
+                                      "named); empty = proportional to size")
+
+    @field_validator("weights")
+    @classmethod
+    def _nonnegative(cls, v: dict[str, float]) -> dict[str, float]:
+        return SamplingConfig._nonnegative(v)
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(mode="task_balanced", weights=self.weights)
+
+
 # ----------------------------------------------------------------------------- synthesis / filtering / eval
 
 class GeneratorConfig(Strict):
@@ -307,9 +324,42 @@ class GeneratorConfig(Strict):
                         "gpu_memory_utilization, max_model_len, ...); not in a synthesis folder's manifest")
 
 
+class HubPassages(Strict):
+    """A passage corpus on the hub, an entry of `synth.passages` beside passage files (the paper
+    synthesises from Qwen3's multilingual pre-training corpus, which is not public). Its rows are
+    streamed (`datasets.load_dataset(hub, config, split=..., streaming=True)`: never all in memory),
+    through a seeded shuffle buffer when synth.passage_order is `sample`, until synth.num_passages
+    (tasks/synthesis/plan.py)."""
+
+    hub: str
+    config: str | None = None
+    split: str = "train"
+    revision: str = "main"
+    text_field: str = "text"
+    title_field: str | None = Field(None, description="a column put before the text, as BEIR does")
+    id_field: str = "id"
+    language: str | None = Field(None, description="the language of every row (a name: English, Chinese); "
+                                 "null = a row's own lang/language field, else guessed from its script")
+    min_words: int = Field(0, ge=0, description="rows with fewer words are skipped (stubs, list pages)")
+    max_words: int | None = Field(None, gt=0, description="a row's text is cut to its first N words "
+                                  "(a Wikipedia row is a whole article); null = the whole row")
+    shuffle_buffer: int = Field(1000, gt=0, description="rows held by the shuffle buffer (passage_order: sample)")
+    local: str | None = Field(None, description="the offline stand-in: a passages JSONL (relative to the "
+                              "project, like the passage files), read through the same streaming code; its "
+                              "rows whose lang/language names another language than `language` are skipped")
+    offline: bool = Field(False, description="read `local` instead of the hub (set on every entry by "
+                          "data.catalog_offline; an entry without `local` then gives no passages)")
+
+    @property
+    def name(self) -> str:
+        """`hub:config`, the passages' `source`."""
+        return f"{self.hub}:{self.config}" if self.config else self.hub
+
+
 class SynthConfig(Strict):
     enabled: bool
-    passages: list[str]
+    passages: list[str | HubPassages] = Field(description="passage files (JSONL), or hub corpora "
+                                               "({hub: NAME, config: ..., language: ...}, streamed)")
     personas: str
     persona_retriever: str
     top_personas: int = Field(gt=0)
@@ -434,7 +484,8 @@ class DataConfig(Strict):
     include: list[str]
     derived: list[DerivedSet]
     catalog_offline: bool = Field(description="every catalog source of the stages reads its entry's local "
-                                  "stand-in (conf/catalog.yaml `local`) instead of the hub")
+                                  "stand-in (conf/catalog.yaml `local`) instead of the hub, and so does every "
+                                  "hub corpus of synth.passages (its `local`)")
 
 
 class InfraConfig(Strict):
@@ -474,12 +525,27 @@ class PipelineConfig(Strict):
     filter: FilterConfig
     stage2: TrainConfig
     merge: MergeConfig
+    stage2_balances: list[Stage2Balance] = Field(description="train stage 2 once per balance and merge "
+                                                 "their finals; empty = one stage 2 with stage2.sampling")
     reranker: TrainConfig
     reranker_merge: MergeConfig
     eval: EvalConfig
     ablations: AblationConfig
     retrain: RetrainConfig
     infra: InfraConfig
+
+    @field_validator("stage2_balances")
+    @classmethod
+    def _distinct_balances_one_merge_weight_each(cls, v: list[Stage2Balance], info) -> list[Stage2Balance]:
+        weights = [b.weights for b in v]
+        twice = next((w for i, w in enumerate(weights) if w in weights[:i]), None)
+        if twice is not None:  # one stage key, one folder: two runs would train into it at once
+            raise ValueError(f"a balance is listed twice: {twice}")
+        merge = info.data.get("merge")  # validated before this field (absent if it was invalid)
+        if v and merge is not None and merge.weights is not None and len(merge.weights) != len(v):
+            raise ValueError(f"merge.weights has {len(merge.weights)} entries, stage2_balances has {len(v)}: "
+                             f"with stage2_balances the merge takes one final per balance")
+        return v
 
     @model_validator(mode="after")
     def _catalog_offline(self) -> "PipelineConfig":
@@ -488,6 +554,9 @@ class PipelineConfig(Strict):
                 for src in stage.data:
                     if src.catalog is not None:
                         src.offline = True
+            for passages in self.synth.passages:
+                if isinstance(passages, HubPassages):
+                    passages.offline = True
         return self
 
     @property

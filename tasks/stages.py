@@ -71,6 +71,31 @@ def stage_dir(base: Path, name: str, key: str, folder: str | None = None) -> Sta
     return StageDir(name, key, base / (folder or name) / key)
 
 
+def file_digest(path: str | Path, setting: str) -> str:
+    """The content hash of a file a stage reads by name (`setting` names where the path came from):
+    an edited file changes the key though its path does not."""
+    from tasks.data import DataError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{setting}: {p} not found")
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+
+
+def eval_key(cfg: EvalConfig, *, model: str, reranker: str | None, data: str, root: str | Path) -> str:
+    """The key of one model's evaluation: the eval config, the keys of the model (and reranker) it
+    scores, the data version, and the contents of the files it reads by name: the task instructions
+    (conf/task_prompts.json) and, where a reranker reranks it, the first stage `eval.first_stage`
+    (a path relative to the project root `root`)."""
+    from tasks.data import resolve_path
+    from tasks.evaluation.prompts import PROMPTS_FILE
+
+    inputs: dict[str, Any] = {"prompts": file_digest(PROMPTS_FILE, "task prompts")}
+    if cfg.first_stage and reranker is not None:  # only the reranked scores read it
+        inputs["first_stage"] = file_digest(resolve_path(cfg.first_stage, root), "eval.first_stage")
+    return stage_key("eval", eval=cfg, model=model, reranker=reranker, data=data, **inputs)
+
+
 # ----------------------------------------------------------------------------- entry points (run on Ray)
 
 def train_resources(cfg: TrainConfig) -> Resources | None:
@@ -94,6 +119,15 @@ def train_stage(cfg: TrainConfig, model_cfg: ModelConfig, out_dir: str, *, init:
             "steps": len(res.history), "first_loss": res.history[0]["loss"] if res.history else None,
             "last_loss": res.history[-1]["loss"] if res.history else None,
             "history": str(Path(out_dir) / "metrics.jsonl"), "loss_plot": str(res.final / "loss.png")}
+
+
+def backbone_stage(model_cfg: ModelConfig, out_dir: str) -> dict:
+    """The backbone as a stage 2 without stage 1 starts from it, saved as a model folder: the base of
+    a task_slerp merge of stage-2 models (the deltas are taken from it)."""
+    from tasks.models import Embedder
+
+    path = Embedder.load(model_cfg).save(Path(out_dir) / "model")
+    return {"final": str(path)}
 
 
 def merge_stage(checkpoints: list[str], out_dir: str, *, weights: list[float] | None = None,

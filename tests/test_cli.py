@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import typer.main
@@ -223,3 +224,87 @@ def test_eval_with_a_preset_scores_that_presets_sets_and_symmetric_ones_get_the_
     code, out, err = q3e(capsys, "eval", "micro", "--task-dir", stsb, *small, "--symmetric", "nosuch")
     assert code == 1 and out == ""
     assert err.strip() == "error: eval.symmetric names no task of this evaluation: nosuch (tasks: stsb-en-dev)"
+
+
+# ----------------------------------------------------------------------------- q3e eval: its eval.* flags
+
+TASK = "nq-msmarco-hardneg"
+SMALL = ["--max-queries", "5", "--max-corpus", "40"]
+
+
+def scores_of(out: str) -> dict[str, float]:
+    """{task: main score} of `q3e eval`'s `<task>  main score <x>` lines."""
+    return {line.split()[0]: float(line.split()[-1]) for line in out.splitlines() if "  main score " in line}
+
+
+def test_eval_saves_a_first_stage_and_reranks_a_given_one(capsys, tmp_path, shared_data):
+    """--save-first-stage writes the embedder's top-k beside the results; --first-stage reranks a
+    file's top-k: the saved one as reranking directly does, a hand-edited one differently."""
+    task_dir = str(shared_data / "beir" / TASK)
+    common = ["eval", "micro", "--task-dir", task_dir, *SMALL, "--reranker", "micro", "--rerank-top-k", "5"]
+    code, out, err = q3e(capsys, *common, "--save-first-stage", "-o", str(tmp_path / "direct.json"))
+    assert code == 0, err
+    saved = tmp_path / "direct.first_stage.json"
+    data = json.loads(saved.read_text())
+    assert data["top_k"] == 5 and all(len(docs) == 5 for docs in data["tasks"][TASK].values())
+    direct = scores_of(out)
+
+    code, out, err = q3e(capsys, *common, "--first-stage", str(saved), "-o", str(tmp_path / "fixed.json"))
+    assert code == 0, err
+    assert scores_of(out) == direct
+    assert json.loads((tmp_path / "fixed.json").read_text())["first_stage"]["file"] == str(saved)
+
+    # each query's judged documents in place of the embedder's top 5
+    qrels = [line.split("\t") for line in (Path(task_dir) / "qrels" / "test.tsv").read_text().splitlines()[1:]]
+    data["tasks"][TASK] = {q: {d: 1.0 for q2, d, _ in qrels if q2 == q} for q in data["tasks"][TASK]}
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(data))
+    code, out, err = q3e(capsys, *common, "--first-stage", str(edited), "-o", str(tmp_path / "edited-out.json"))
+    assert code == 0, err
+    assert scores_of(out)[TASK] == direct[TASK]  # the embedder's own scores do not read the file
+    assert scores_of(out)[f"{TASK}/rerank"] != direct[f"{TASK}/rerank"]
+
+
+def test_eval_with_a_preset_scores_every_dim_and_keeps_its_eval_settings_unless_a_flag_is_given(
+        capsys, tmp_path, shared_data):
+    overlay = tmp_path / "eval.yaml"
+    overlay.write_text("eval: {dims: [16, 32], max_query_length: 8, max_doc_length: 24, rerank_types: [Reranking]}\n")
+    task_dir = str(shared_data / "beir" / TASK)
+    out = tmp_path / "r.json"
+    code, text, err = q3e(capsys, "eval", "micro", "--preset", "micro", "-c", str(overlay), "--task-dir", task_dir,
+                          *SMALL, "--max-doc-length", "20", "--reranker", "micro", "-o", str(out))
+    assert code == 0, err
+    # the full dimension, then each of eval.dims as <task>@<dim>, each in its own file (as `q3e run`)
+    assert set(scores_of(text)) == {TASK, f"{TASK}@16", f"{TASK}@32"}  # no /rerank: not a Reranking task
+    records = {name: json.loads((tmp_path / name).read_text()) for name in ("r.json", "r@16.json", "r@32.json")}
+    assert [r["dim"] for r in records.values()] == [None, 16, 32]
+    settings = records["r.json"]["model_settings"]
+    assert (settings["max_query_length"], settings["max_doc_length"]) == (8, 20)  # the preset's; the flag's
+
+    # --dim: that dimension only; --rerank-type replaces the preset's types
+    code, text, err = q3e(capsys, "eval", "micro", "--preset", "micro", "-c", str(overlay), "--task-dir", task_dir,
+                          *SMALL, "--dim", "16", "--reranker", "micro", "--rerank-type", "Retrieval",
+                          "-o", str(tmp_path / "d.json"))
+    assert code == 0, err
+    assert set(scores_of(text)) == {TASK, f"{TASK}/rerank"}
+    assert json.loads((tmp_path / "d.json").read_text())["dim"] == 16 and not (tmp_path / "d@16.json").exists()
+
+
+def test_eval_takes_several_benchmarks_and_prints_their_means(capsys, tmp_path, shared_data, monkeypatch):
+    import mteb
+
+    from tasks.evaluation.local_tasks import beir_task, sts_task
+
+    benches = {"Local(a, v1)": [beir_task(shared_data / "beir" / TASK, max_queries=5, max_corpus=40)],
+               "Local(b, v1)": [sts_task(shared_data / "sts-en" / "SICK_trial.txt", max_pairs=40)]}
+    real = mteb.get_benchmark
+    monkeypatch.setattr(mteb, "get_benchmark", lambda name: SimpleNamespace(name=name, tasks=benches[name])
+                        if name in benches else real(name))
+    code, out, err = q3e(capsys, "eval", "micro", "-b", "Local(a, v1)", "-b", "Local(b, v1)",
+                         "-o", str(tmp_path / "b.json"))
+    assert code == 0, err
+    scores = scores_of(out)
+    assert set(scores) == {TASK, "SICK_trial"}
+    means = [line for line in out.splitlines() if "Mean(Task)" in line]
+    assert means == [f"Local(a, v1)  Mean(Task) {scores[TASK]:.4f}  Mean(Type) {scores[TASK]:.4f}",
+                     f"Local(b, v1)  Mean(Task) {scores['SICK_trial']:.4f}  Mean(Type) {scores['SICK_trial']:.4f}"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tasks.config import ConfigError, available, load_config, parse_override
@@ -38,6 +40,21 @@ def test_overrides_are_typed_and_nested():
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("micro", [override])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["stage2_balances=[{weights: {retrieval: 1}}, {weights: {retrieval: 1.0}}]"],
+     "stage2_balances: Value error, a balance is listed twice: {'retrieval': 1.0}"),
+    (["stage2_balances=[{weights: {retrieval: -1}}]"], "stage2_balances.0.weights: Value error, sampling weights"),
+    (["stage2_balances=[{weights: {}}, {weights: {sts: 1}}]", "merge.weights=[1, 1, 2]"],
+     "stage2_balances: Value error, merge.weights has 3 entries, stage2_balances has 2"),
+])
+def test_stage2_balances_are_distinct_and_get_one_merge_weight_each(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("micro", overrides)
+    cfg = load_config("micro", ["stage2_balances=[{weights: {retrieval: 3, sts: 1}}, {weights: {}}]"])
+    assert [b.sampling.model_dump() for b in cfg.stage2_balances] == [
+        {"mode": "task_balanced", "weights": {"retrieval": 3.0, "sts": 1.0}}, {"mode": "task_balanced", "weights": {}}]
 
 
 def test_unknown_preset_and_file_errors(tmp_path):

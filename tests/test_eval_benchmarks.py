@@ -150,7 +150,7 @@ def test_eval_stage_metrics_and_mlflow_name_benchmarks_path_safely(micro_embedde
 
 
 def test_run_report_shows_mean_task_and_mean_type_per_benchmark():
-    from tests.test_report import make_summary, table_rows
+    from tests.summaries import make_summary, table_rows
 
     summary = make_summary()
     full = benchmark_summary(list(TOY_TYPES), {"A": 0.2, "B": 0.4, "C": 0.9, "D": 0.5}, TOY_TYPES)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tasks.data import Pair
 from tasks.losses import improved_infonce, mrl_infonce
 from tasks.training.steps import embedding_batch
-from tests.test_losses import reference_loss as eq1_reference
+from tests.references import reference_loss as eq1_reference
 
 TAU = 0.05
 READINGS = list(itertools.product(["positive", "query"], ["positives", "positives_and_negatives"]))

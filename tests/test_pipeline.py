@@ -181,3 +181,53 @@ def test_lineage_and_compare_commands(runs, project):
     r = CliRunner().invoke(app, ["runs", "compare", "--run-dir", str(project / "runs"), "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert runs["resumed"]["run_id"] in out.with_suffix(".csv").read_text()
+
+
+
+BALANCES = ["stage2.data=[{path: data/triplets-en/snli_dev_triplets.jsonl, limit: 100},"
+            " {path: data/triplets-en/snli_test_triplets.jsonl, limit: 100, task_type: nli}]",
+            "stage2_balances=[{weights: {retrieval: 3, nli: 1}}, {weights: {retrieval: 1, nli: 3}}]",
+            "merge.method=task_slerp", "reranker.enabled=false"]
+
+
+def test_stage2_under_two_balances_merged_with_task_slerp_from_stage1(project, shared_data, llm_url, prefect_server,
+                                                                      ray_session, monkeypatch):
+    """stage2_balances: one stage 2 per task balance, each in its own stage2/<key> folder, then the merge
+    of their two finals by task_slerp from stage 1's final (where both started); "stage2" is the first."""
+    import mlflow
+
+    from tasks import tracking
+    from tasks.config import load_config
+    from tasks.merge import MERGE_RECORD
+    from tasks.stages import eval_key
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    s = run(project, shared_data, llm_url, *BALANCES)
+    keys = {t["stage"]: t["key"] for t in s["stages"]}
+    assert {"stage2-balance0", "stage2-balance1", "merge"} <= set(keys) and "stage2" not in keys
+    balances = s["stage2_balances"]
+    assert [(b["stage"], b["key"]) for b in balances] == [(n, keys[n]) for n in ("stage2-balance0", "stage2-balance1")]
+    assert balances[0]["weights"] == {"retrieval": 3.0, "nli": 1.0} and balances[0]["key"] != balances[1]["key"]
+    finals = [b["final"] for b in balances]
+    assert finals == [str(project / "runs" / "artifacts" / "stage2" / b["key"] / "final") for b in balances]
+
+    stage1 = json.loads((project / "runs" / "artifacts" / "stage1" / keys["stage1"] / "done.json").read_text())
+    merged = json.loads((project / "runs" / "artifacts" / "merge" / keys["merge"] / "model" / MERGE_RECORD).read_text())
+    assert merged["method"] == "task_slerp" and merged["checkpoints"] == finals and merged["base"] == stage1["final"]
+    assert s["final_model"] == "merged" and s["merge"]["checkpoints"] == ["stage2-balance0", "stage2-balance1"]
+    # the results' stage2 is the first balance's model
+    cfg = load_config("micro", pipeline_overrides(shared_data, llm_url, WORKERS, *BALANCES))
+    assert keys["eval-stage2"] == eval_key(cfg.eval, model=balances[0]["key"], reranker=None, data=s["data_md5"],
+                                           root=project)
+    assert s["benchmarks"] == {} and s["first_stage"] is None
+
+    tracking.setup(project / "runs", "qwen3-embedding")
+    client = mlflow.MlflowClient()
+    children = client.search_runs([client.get_run(s["run_id"]).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{s['run_id']}'")
+    params = {c.data.tags["stage"]: c.data.params for c in children}
+    assert params["stage2-balance1"]["stage2.sampling.mode"] == "task_balanced"
+    assert float(params["stage2-balance1"]["stage2.sampling.weights.nli"]) == 3.0
+
+    again = run(project, shared_data, llm_url, *BALANCES)  # every stage reused from its own folder
+    assert all(cached(again).values()) and again["scores"] == s["scores"]

@@ -85,6 +85,52 @@ def test_keys_do_not_depend_on_argument_order_or_path_type(monkeypatch):
     assert stage_key("merge", trained="k1") != before
 
 
+def test_an_edited_first_stage_file_changes_the_reranked_evaluations_key(tmp_path):
+    """eval.first_stage is read by name, like conf/task_prompts.json: its contents are in the key of
+    the evaluation that reranks it (the embedders' evaluations do not read it), so an edited file
+    re-evaluates. Without a first stage the key is the one every earlier run computed."""
+    import hashlib
+
+    from tasks.data import DataError
+    from tasks.evaluation.prompts import PROMPTS_FILE
+    from tasks.stages import eval_key
+
+    first = tmp_path / "first_stage.json"
+    first.write_text(json.dumps({"nq-msmarco-hardneg": {"q0": {"d0": 2.0, "d1": 1.0}}}))
+    cfg = load_config("micro", ["eval.first_stage=first_stage.json"]).eval  # relative to the project root
+
+    def keys() -> tuple[str, str]:
+        return (eval_key(cfg, model="m", reranker="r", data=DATA, root=tmp_path),
+                eval_key(cfg, model="m", reranker=None, data=DATA, root=tmp_path))
+
+    reranked, embedder = keys()
+    assert keys() == (reranked, embedder)
+    first.write_text(json.dumps({"nq-msmarco-hardneg": {"q0": {"d0": 1.0, "d1": 2.0}}}))
+    assert keys()[0] != reranked and keys()[1] == embedder
+
+    plain = load_config("micro").eval
+    prompts = hashlib.sha256(PROMPTS_FILE.read_bytes()).hexdigest()[:16]
+    assert eval_key(plain, model="m", reranker="r", data=DATA, root=tmp_path) == \
+        stage_key("eval", eval=plain, model="m", reranker="r", data=DATA, prompts=prompts)
+    first.unlink()
+    with pytest.raises(DataError, match=f"eval.first_stage: {first} not found"):
+        eval_key(cfg, model="m", reranker="r", data=DATA, root=tmp_path)
+
+
+def test_the_backbone_stage_saves_the_weights_stage_2_starts_from_without_stage_1(tmp_path):
+    """The base of a task_slerp merge of stage-2 balances when stage 1 does not run."""
+    import torch
+
+    from tasks.merge import load_checkpoint
+    from tasks.training.loop import load_model
+
+    cfg = load_config("micro")
+    out = stages.backbone_stage(cfg.model, str(tmp_path / "backbone"))
+    start = load_model(cfg.stage2, cfg.model, None, device="cpu").save(tmp_path / "start")
+    saved, expected = load_checkpoint(out["final"]), load_checkpoint(start)
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+
+
 def test_a_stage_folder_counts_as_done_only_with_a_readable_marker(tmp_path):
     sd = stage_dir(tmp_path / "artifacts", "eval-stage2", "0123abcd", folder="eval")
     assert sd.path == tmp_path / "artifacts" / "eval" / "0123abcd"

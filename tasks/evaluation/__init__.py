@@ -9,7 +9,8 @@ The modules, from the bottom up:
   local_tasks   beir_task / sts_task / pair_classification_task: offline mteb tasks from files
   benchmarks    several mteb benchmarks in one run (shared tasks run once); Mean(Task), Mean(Type)
   first_stage   a saved top-k per query (eval.save_first_stage) that every reranker reranks (eval.first_stage)
-  run           resolve_tasks, run_task, retrieve_and_rerank, score_run and the entry point evaluate_model
+  run           resolve_tasks, run_task, retrieve_and_rerank, score_run and the entry points evaluate_model,
+                evaluation_record
 
 Retrieval queries get the task instruction and documents none; symmetric tasks (STS, pair
 classification, classification, clustering) get it on both sides (SPEC 1). mteb tells the encoder

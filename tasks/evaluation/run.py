@@ -1,6 +1,6 @@
 """Running mteb: which tasks to evaluate, one task through `mteb.evaluate`, reranking of a first
-stage's top-k (the embedder's own, or a fixed one from a file), and the entry point `evaluate_model`
-(results dict + one JSON per run + table)."""
+stage's top-k (the embedder's own, or a fixed one from a file), and the entry points `evaluate_model`
+(results dict + one JSON per run + table) and `evaluation_record` (the whole JSON record)."""
 
 from __future__ import annotations
 
@@ -224,7 +224,7 @@ def reranks(task, cfg: EvalConfig) -> bool:
     return task.metadata.type in cfg.rerank_types and isinstance(task, AbsTaskRetrieval)
 
 
-def evaluate_model(
+def evaluation_record(
     model: str | Path | ModelConfig | Embedder | Any,
     cfg: EvalConfig,
     *,
@@ -240,7 +240,7 @@ def evaluate_model(
     device=None,
     seed: int = 0,
     show: bool = True,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, Any]:
     """Evaluate an embedding model (and optionally a reranker on a first stage's top-k) through mteb.
 
     model: saved model folder, `micro`, `bundled:smollm2`, `bundled:all-minilm-l6-v2`, `st:<path>`,
@@ -256,8 +256,9 @@ def evaluate_model(
       an MLflow run id is a good choice. prompts: overrides of conf/task_prompts.json.
     embedding_cache: True = <Q3E_CACHE_DIR>/embeddings, a folder or an EmbeddingCache, False = off.
     result_cache: a folder for mteb's own ResultCache (off by default: our JSON is the record).
-    Returns {task: {metric: value, ..., "main_score": value}}; writes `out` (JSON, atomically; default
-    runs/eval/<model>-<revision>.json) with, per benchmark, Mean(Task) and Mean(Type) under
+    Returns the record it writes to `out` (JSON, atomically; default runs/eval/<model>-<revision>.json,
+    <model>-<revision>@<dim>.json at a dim), with that path as "file": "results" {task: {metric: value,
+    ..., "main_score": value}} (what `evaluate_model` returns), per benchmark Mean(Task) and Mean(Type) under
     "benchmarks"; with `cfg.save_first_stage`, each query's top rerank_top_k beside it
     (`<out stem>.first_stage.json`); logs `eval/<task>/<metric>` and `eval/<benchmark>/mean_task`
     to `mlflow_run_id` if given.
@@ -289,7 +290,8 @@ def evaluate_model(
             raise DataError(f"{first_stage.path}: no first stage for task(s) {', '.join(lacking)} "
                             f"(the file has: {', '.join(sorted(first_stage.tasks)) or 'no task'})")
     meta = encoder.mteb_model_meta
-    out = Path(out) if out else Path("runs") / "eval" / f"{slug(meta.name)}-{meta.revision[:12]}.json"
+    at = f"@{dim}" if dim is not None else ""  # a dim's results beside the full dimension's, not over them
+    out = Path(out) if out else Path("runs") / "eval" / f"{slug(meta.name)}-{meta.revision[:12]}{at}.json"
 
     t0 = time.perf_counter()
     results: dict[str, dict[str, float]] = {}
@@ -362,7 +364,14 @@ def evaluate_model(
         from tasks.tracking import log_eval_results  # MLflow stays at the edge: imported only when asked
 
         log_eval_results(mlflow_run_id, results, out, benchmarks=benchmarks)
-    return results
+    return {**record, "file": str(out)}
+
+
+def evaluate_model(model: str | Path | ModelConfig | Embedder | Any, cfg: EvalConfig,
+                   **options: Any) -> dict[str, dict[str, float]]:
+    """{task: {metric: value, ..., "main_score": value}}: the results of `evaluation_record(model, cfg,
+    **options)` (same arguments, same file written)."""
+    return evaluation_record(model, cfg, **options)["results"]
 
 
 def print_results(results: Mapping[str, Mapping[str, float]], types: Mapping[str, str] | None = None,

@@ -22,7 +22,8 @@ Where things are:
   schemas.py     the JSON schema of each stage's answer (structured decoding)
   parse.py       lenient JSON parsing of an answer, `Reject`, choice and character matching
   text.py        script/language detection, word counting, `check_text` of a generated text
-  plan.py        passages, personas and persona retrieval, the per-passage `Plan`, `check_config`
+  plan.py        passages (files; hub corpora, streamed), personas and persona retrieval, the
+                 per-passage `Plan`, `check_config`
   encoders.py    the sentence encoders of persona retrieval (also used by filtering)
   generators.py  the LLM backends: transformers, vLLM, an OpenAI-compatible server
   shard.py       `synthesize_shard`: one shard's prompts, retries, records and rejections

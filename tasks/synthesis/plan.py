@@ -1,20 +1,25 @@
-"""What to synthesise from each passage: passages and personas read from files, persona retrieval
-(the top personas of a passage by cosine), the per-passage `Plan`, and the check of the synth config."""
+"""What to synthesise from each passage: passages read from files or streamed from hub corpora,
+personas, persona retrieval (the top personas of a passage by cosine), the per-passage `Plan`, and
+the check of the synth config."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from tasks.config import SynthConfig
+from tasks.config import HubPassages, SynthConfig
 from tasks.data import DataError, doc_text, iter_jsonl, resolve_path
 from tasks.synthesis.prompts import KINDS
-from tasks.synthesis.text import LANGUAGE_NAMES, guess_language
+from tasks.synthesis.text import LANGUAGE_NAMES, count_words, guess_language, truncate_words
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,22 +45,35 @@ def relevant_texts(folders: Sequence[str | Path], *, root: str | Path | None = N
     return out
 
 
-def load_passages(paths: Sequence[str | Path], *, root: str | Path | None = None,
+def load_passages(paths: Sequence[str | Path | HubPassages], *, root: str | Path | None = None,
                   limit: int | None = None, exclude: set[str] | frozenset[str] = frozenset(),
                   sample_seed: int | None = None) -> list[Passage]:
     """Passages from JSONL files: BEIR corpus (`_id`, `text`, optional `title`) or any records with
-    `text`/`passage` (and optional `id`/`_id`, `lang`/`language`). Several files are interleaved (one
-    passage of each in turn), so the first `limit` mix them all. Passages whose text is in `exclude`
-    (e.g. `relevant_texts` of the dev sets) are skipped.
+    `text`/`passage` (and optional `id`/`_id`, `lang`/`language`), and from hub corpora
+    (`HubPassages`, streamed: `read_hub_passages`). Several sources are interleaved (one passage of
+    each in turn), so the first `limit` mix them all. Passages whose text is in `exclude` (e.g.
+    `relevant_texts` of the dev sets) are skipped.
 
     With `sample_seed`, each file contributes a uniform random sample of its passages (reservoir
     sampling, at most `limit` held per file), in random order: corpora are often grouped by topic
     (the default English one by the query its passages are negatives of), and their first `limit`
-    passages would cover a few topics. Without it, passages come in file order."""
-    streams = [_read_passages(resolve_path(p, root)) for p in paths]
-    if sample_seed is not None:
-        streams = [iter(_sample(stream, limit, exclude, random.Random(f"{sample_seed}|{resolve_path(p, root).name}")))
-                   for stream, p in zip(streams, paths)]
+    passages would cover a few topics. A hub corpus is too large to read to its end: its rows pass
+    a seeded shuffle buffer instead (datasets' `IterableDataset.shuffle`: shard order shuffled, then
+    a buffer of rows), a bounded read that is not a uniform sample. Without a seed, passages come in
+    file (or hub) order."""
+    if limit is None and any(isinstance(p, HubPassages) for p in paths):
+        raise DataError("synth.num_passages is null (every passage) but synth.passages names a hub corpus "
+                        "(streamed, too large to read to its end): set synth.num_passages")
+    streams = []
+    for p in paths:
+        if isinstance(p, HubPassages):
+            streams.append(read_hub_passages(p, root=root, seed=sample_seed))
+            continue
+        stream = _read_passages(resolve_path(p, root))
+        if sample_seed is not None:
+            rng = random.Random(f"{sample_seed}|{resolve_path(p, root).name}")
+            stream = iter(_sample(stream, limit, exclude, rng))
+        streams.append(stream)
     out: list[Passage] = []
     while streams:
         for stream in list(streams):
@@ -69,7 +87,7 @@ def load_passages(paths: Sequence[str | Path], *, root: str | Path | None = None
             if limit and len(out) >= limit:
                 return out
     if not out:
-        raise DataError(f"no passages in {', '.join(map(str, paths))}")
+        raise DataError(f"no passages in {', '.join(p.name if isinstance(p, HubPassages) else str(p) for p in paths)}")
     return out
 
 
@@ -103,6 +121,80 @@ def _read_passages(path: Path) -> Iterator[Passage]:
         lang = obj.get("language") or obj.get("lang")
         lang = LANGUAGE_NAMES.get(str(lang).lower(), str(lang)) if lang else guess_language(text)
         yield Passage(str(pid), text, lang, path.name)
+
+
+def _row_language(value: Any) -> str | None:
+    """A row's lang/language field as a language name (ISO 639-1 codes mapped), or None."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return LANGUAGE_NAMES.get(value.strip().lower(), value.strip())
+
+
+def read_hub_passages(src: HubPassages, *, root: str | Path | None = None, seed: int | None = None
+                      ) -> Iterator[Passage]:
+    """The passages of a hub corpus, streamed: `datasets.load_dataset(hub, config, split,
+    streaming=True)`, or with `src.offline` its stand-in `src.local` through the same code (datasets'
+    json builder), where rows of another language than `src.language` are skipped (one stand-in
+    file may hold many languages). With `seed`, rows pass a seeded shuffle buffer of
+    `src.shuffle_buffer` rows. Rows shorter than `src.min_words` are skipped; texts are cut to
+    `src.max_words`. An error names the entry, and the row and field where a row does not fit."""
+    import datasets
+
+    if src.offline:
+        if src.local is None:
+            log.warning("synth.passages: %s has no local stand-in: no passages from it offline", src.name)
+            return
+        path = resolve_path(src.local, root)
+        if not path.is_file():
+            raise DataError(f"{path}: the local stand-in of synth.passages entry {src.name} not found (data.include "
+                            f"must list it for the pipeline to copy it into the data folder)")
+        kwargs = {"path": "json", "data_files": {"train": [str(path)]}, "split": "train"}
+        what = f"its stand-in {path}"
+    else:
+        kwargs = {"path": src.hub, "name": src.config, "split": src.split, "revision": src.revision}
+        what = f"{src.name} [{src.split}]"
+    try:
+        ds = datasets.load_dataset(**kwargs, streaming=True)
+        if seed is not None:
+            key = hashlib.sha256(f"{seed}|{src.name}".encode()).digest()[:4]
+            ds = ds.shuffle(seed=int.from_bytes(key, "little"), buffer_size=src.shuffle_buffer)
+        rows = iter(ds)
+    except Exception as e:  # noqa: BLE001 - the hub's errors are many; each becomes one line
+        raise _unreadable(src, what, e) from None
+    n = 0
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - a stream can fail mid-way (network, a bad file)
+            raise _unreadable(src, what, e) from None
+        n += 1
+        text = row.get(src.text_field)
+        if not isinstance(text, str):
+            raise DataError(f"synth.passages entry {src.name} ({what}), row {n}: field {src.text_field!r} "
+                            f"{'missing' if text is None else 'is not text'} (columns: {', '.join(sorted(row))})")
+        own = _row_language(row.get("lang") or row.get("language"))
+        if src.offline and src.language and own and own.lower() != src.language.lower():
+            continue
+        text = text.strip()
+        if not text or count_words(text) < src.min_words:
+            continue
+        if src.max_words is not None:
+            text = truncate_words(text, src.max_words)
+        title = row.get(src.title_field) if src.title_field else None
+        if isinstance(title, str) and title.strip():
+            text = doc_text(title.strip(), text)
+        pid = row.get(src.id_field)
+        language = src.language or own or guess_language(text)
+        yield Passage(str(pid) if pid is not None else f"{src.name}:{n}", text, language, src.name)
+
+
+def _unreadable(src: HubPassages, what: str, e: Exception) -> DataError:
+    hint = ("" if src.offline else f"; without a hub, data.catalog_offline=true reads its stand-in {src.local}"
+            if src.local else "; it has no local stand-in")
+    return DataError(f"synth.passages entry {src.name}: cannot stream {what} ({type(e).__name__}: "
+                     f"{' '.join(str(e).split())[:300]}){hint}")
 
 
 def load_personas(path: str | Path) -> list[str]:
