@@ -671,20 +671,25 @@ def data_check_cmd(
         except LineageError as e:
             raise _fail(e) from None
         typer.echo(f"data: restored {cfg.data.dir}/ (version {version[:10]})", err=True)
-    table = Table(title=f"training data of {preset}" + (" (catalog: local stand-ins)" if offline else ""))
-    for col in ("stage", "source", "kind", "task", "pairs", "sample"):
-        table.add_column(col, justify="right" if col == "pairs" else "left", no_wrap=col == "sample")
+    rows = []
     try:
         for name, st in stages:
             for src in st.data:
                 c = check_source(src, project, max_pairs=samples)
-                table.add_row(name, _source_label(src), c.kind, _cut(", ".join(c.tasks), 22), _pairs_label(c),
-                              _sample(c.first))
+                rows.append((name, _source_label(src), c.kind, ", ".join(c.tasks), _pairs_label(c), _sample(c.first)))
             synthetic = _synthetic_row(cfg, name, project, samples)
             if synthetic:
-                table.add_row(name, *synthetic)
+                rows.append((name, *synthetic))
     except DataError as e:
         raise _fail(e) from None
+    table = Table(title=f"training data of {preset}" + (" (catalog: local stand-ins)" if offline else ""))
+    for i, col in enumerate(("stage", "source", "kind", "task", "pairs", "sample")):
+        # a source is never cut (its first line is the whole path or entry name); task types fold
+        widest = max((len(r[i].splitlines()[0]) for r in rows if r[i]), default=0) if col == "source" else None
+        table.add_column(col, justify="right" if col == "pairs" else "left", no_wrap=col == "sample",
+                         min_width=widest, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
     Console(width=None if sys.stdout.isatty() else 200).print(table)
     if cfg.synth.reuse and not resolve_path(cfg.synth.reuse, project).exists():
         typer.echo(f"note: synth.reuse {cfg.synth.reuse} not found under {project}: the run would synthesise")
@@ -725,12 +730,12 @@ def _synthetic_row(cfg, stage: str, project: Path, samples: int) -> tuple[str, .
     if not cfg.synth.enabled or (stage != "stage1" and not cfg.filter.enabled):
         return None
     if stage != "stage1":
-        return ("filtered synthetic pairs (made by the run)", "synthetic", _cut(", ".join(cfg.synth.kinds), 22), "-", "")
+        return ("filtered synthetic pairs (made by the run)", "synthetic", ", ".join(cfg.synth.kinds), "-", "")
     reuse = cfg.synth.reuse and resolve_path(cfg.synth.reuse, project)
     if not reuse or not reuse.is_dir():
-        return ("synthetic pairs (made by the run)", "synthetic", _cut(", ".join(cfg.synth.kinds), 22), "-", "")
+        return ("synthetic pairs (made by the run)", "synthetic", ", ".join(cfg.synth.kinds), "-", "")
     c = check_source(DataSource(path=str(reuse)), max_pairs=10**9)
-    return (f"{cfg.synth.reuse} (synth.reuse)", "synthetic", _cut(", ".join(c.tasks), 22), _pairs_label(c),
+    return (f"{cfg.synth.reuse} (synth.reuse)", "synthetic", ", ".join(c.tasks), _pairs_label(c),
             _sample(c.first))
 
 

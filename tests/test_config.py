@@ -113,7 +113,7 @@ def test_base_yaml_holds_every_setting_of_the_schema_and_nothing_else():
 
 
 def test_the_schema_carries_types_and_bounds_not_values():
-    """No section class of tasks/config.py writes a default: its values come from conf/base.yaml."""
+    """No section class of tasks/config/ writes a default: its values come from conf/base.yaml."""
     import ast
     import inspect
 
