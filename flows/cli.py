@@ -664,6 +664,7 @@ def data_check_cmd(
 
     cfg = _config(preset, list(overrides or []) + (["data.catalog_offline=true"] if offline else []), files)
     stages = [(name, getattr(cfg, name)) for name in ("stage1", "stage2", "reranker") if getattr(cfg, name).enabled]
+    _catalog_ready(cfg)  # a bad catalog entry is one line before anything is restored or read
     paths = [s for _, st in stages for s in st.data if s.path is not None]
     if paths and not (project / cfg.data.dir).exists():
         try:
