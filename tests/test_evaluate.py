@@ -191,7 +191,7 @@ def test_eval_stage_scores_every_listed_mrl_dimension(micro_embedder, shared_dat
     task = "nq-msmarco-hardneg"
     assert set(res) == {task, f"{task}@4", f"{task}@16"}
     assert (tmp_path / "results@4.json").is_file() and (tmp_path / "results@16.json").is_file()
-    direct = evaluate_model(micro_embedder, cfg, dim=4, show=False)
+    direct = evaluate_model(micro_embedder, cfg, dim=4, show=False, out=tmp_path / "direct@4.json")
     assert res[f"{task}@4"] == direct[task] and res[task] != res[f"{task}@4"]
 
 
