@@ -816,38 +816,66 @@ REPORT_HELP = "\n\n".join([
     "Several runs (one configuration over seeds): mean ± std per model and task; runs of different commits, "
     "data versions or configurations other than their seeds are refused.",
     "Example: q3e report --latest --out docs/results-smol.md",
+    "--ablations: the ids are `q3e ablate` sweep ids (their MLflow parent runs; each sweep wrote "
+    "<run-dir>/ablations/<sweep id>/summaries.json), one sweep per seed, e.g. each run with stage1.seed=S "
+    "stage2.seed=S reranker.seed=S: each setting's final-model scores as mean ± std over the sweeps, its "
+    "difference to full paired by seed, the per-seed means, and whether the paper's ordering only-synthetic < "
+    "no-synthetic < no-merge < full holds beyond the noise (|mean difference| > 2 standard errors). --plot "
+    "PATH also draws the settings over seeds as a bar chart (PNG).",
+    "Example: q3e report --ablations SWEEP_0 SWEEP_1 SWEEP_2 --out docs/ablations-smol.md "
+    "--plot docs/ablations-smol.png",
 ])
 
 
 @app.command("report", help=REPORT_HELP)
 def report_cmd(
     run_ids: Optional[List[str]] = typer.Argument(None, help="MLflow run id(s) of pipeline runs; several = one "
-                                                  "configuration over seeds"),
+                                                  "configuration over seeds; with --ablations: sweep ids"),
     latest: bool = typer.Option(False, "--latest", help="report the run whose summary.json was written last"),
     run_dir: Path = typer.Option(Path(_default("run_dir")), "--run-dir", help="the runs' run_dir: summaries are "
                                  "<run-dir>/runs/<run id>/summary.json"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the Markdown to this file (atomically) "
                                        "instead of stdout"),
+    ablations: bool = typer.Option(False, "--ablations", help="the ids are `q3e ablate` sweep ids, one sweep per "
+                                   "seed: each setting over seeds and the paper's ordering"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="with --ablations: also write a bar chart (PNG) of "
+                                        "the settings over seeds to this file"),
 ) -> None:
-    """Markdown report of one run, or of one configuration over seeds (see REPORT_HELP)."""
+    """Markdown report of one run, of one configuration over seeds, or of ablation sweeps over seeds
+    (see REPORT_HELP)."""
     from tasks.data import atomic_write_text
-    from tasks.report import ReportError, latest_run_id, load_summary, report_seeds, run_report
+    from tasks.ablation import report_ablation_seeds
+    from tasks.report import ReportError, latest_run_id, load_summary, load_sweep, report_seeds, run_report
 
     try:
+        if ablations and latest:
+            raise ReportError("--latest picks one run, not sweeps: with --ablations give the sweep ids")
+        if plot is not None and not ablations:
+            raise ReportError("--plot draws ablation sweeps over seeds: use it with --ablations")
         if latest and run_ids:
             raise ReportError("give run ids or --latest, not both")
         ids = [latest_run_id(run_dir)] if latest else list(run_ids or [])
         if not ids:
-            raise ReportError("give one or more run ids, or --latest")
-        summaries = [load_summary(run_dir, rid) for rid in ids]
-        text = run_report(summaries[0]) if len(summaries) == 1 else report_seeds(summaries)
+            raise ReportError("give two or more sweep ids" if ablations else "give one or more run ids, or --latest")
+        if ablations:
+            sweeps = [load_sweep(run_dir, sid) for sid in ids]
+            text = report_ablation_seeds(sweeps, ids)
+        else:
+            summaries = [load_summary(run_dir, rid) for rid in ids]
+            text = run_report(summaries[0]) if len(summaries) == 1 else report_seeds(summaries)
     except ReportError as e:
         raise _fail(e) from None
     if out is None:
         typer.echo(text, nl=False)
-        return
-    atomic_write_text(out, text)
-    typer.echo(f"wrote {out}")
+    else:
+        atomic_write_text(out, text)
+        typer.echo(f"wrote {out}")
+    if plot is not None:
+        from tasks.ablation import plot_ablation_seeds
+
+        preset = next(iter(sweeps[0].values()))["preset"]
+        plot_ablation_seeds(sweeps, plot, title=f"ablations ({preset}) over {len(sweeps)} seeds")
+        typer.echo(f"wrote {plot}", err=out is None)  # not into the Markdown on stdout
 
 
 def one_line(e: BaseException) -> str:

@@ -3,8 +3,12 @@ numbers in README.md and docs/ come from a command at a known commit instead of 
 
     q3e report RUN_ID                 one run: results table, stage checks, synthesis, wall time
     q3e report RUN_A RUN_B RUN_C      the same configuration over seeds: mean ± std per model and task
+    q3e report --ablations SWEEP_A SWEEP_B SWEEP_C
+                                      ablation sweeps, one per seed: mean ± std per setting, the paired
+                                      difference to full, and whether the paper's ordering beats the noise
 
-A summary is the dict flows/pipeline.py writes to `<run_dir>/runs/<run id>/summary.json`.
+A summary is the dict flows/pipeline.py writes to `<run_dir>/runs/<run id>/summary.json`; a sweep
+is the `{setting: summary}` flows/ablate.py writes to `<run_dir>/ablations/<sweep id>/summaries.json`.
 """
 
 from __future__ import annotations
@@ -51,6 +55,33 @@ def load_summary(run_dir: str | Path, run_id: str) -> dict:
     finished = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
     summary.setdefault("date", finished.isoformat(timespec="seconds"))
     return summary
+
+
+def sweep_path(run_dir: str | Path, sweep_id: str) -> Path:
+    return Path(run_dir) / "ablations" / sweep_id / "summaries.json"
+
+
+def load_sweep(run_dir: str | Path, sweep_id: str) -> dict[str, dict]:
+    """{setting: run summary} of one `q3e ablate` sweep (`sweep_id`: its MLflow parent run id)."""
+    path = sweep_path(run_dir, sweep_id)
+    if not path.is_file():
+        raise ReportError(f"sweep {sweep_id}: no summaries at {path} (`q3e ablate` writes it when the sweep "
+                          f"finishes; is --run-dir the run_dir of that sweep?)")
+    try:
+        sweep = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(sweep, dict) or not sweep:
+        raise ReportError(f"{path}: not an ablation sweep's summaries ({{setting: run summary}})")
+    finished = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+    for setting, summary in sweep.items():
+        if not isinstance(summary, dict):
+            raise ReportError(f"{path}: setting {setting!r} is not a pipeline run summary")
+        for key in ("run_id", "final_model", "scores"):
+            if key not in summary:
+                raise ReportError(f"{path}: setting {setting!r} is not a pipeline run summary (no field {key!r})")
+        summary.setdefault("date", finished)  # as in load_summary: the sweep finished after its runs
+    return sweep
 
 
 def latest_run_id(run_dir: str | Path) -> str:
@@ -108,7 +139,7 @@ def row_scores(scores: dict[str, dict[str, float]], model: str) -> dict[str, flo
     return {t: v for t, v in s.items() if not t.endswith(RERANK)}
 
 
-def _mean(values: list[float]) -> float | None:
+def mean_of(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
@@ -130,7 +161,7 @@ def stage_checks(scores: dict[str, dict[str, float]], final_model: str) -> list[
         common = sorted(set(mine) & set(theirs))
         rows = [(t, mine[t], theirs[t]) for t in common]
         if common:
-            rows.append(("mean", _mean([mine[t] for t in common]), _mean([theirs[t] for t in common])))
+            rows.append(("mean", mean_of([mine[t] for t in common]), mean_of([theirs[t] for t in common])))
         for task, a, b in rows:
             checks.append({"name": f"{model}_vs_{baseline}/{task}", "model": model, "baseline": baseline,
                            "task": task, "op": op, "score": a, "baseline_score": b,
@@ -152,7 +183,7 @@ def _two(a: float, b: float) -> tuple[str, str]:
     return f"{a:.3f}", f"{b:.3f}"  # equal within float noise
 
 
-def _date(summary: dict) -> str:
+def run_date(summary: dict) -> str:
     raw = summary.get("date")
     try:
         return datetime.fromisoformat(raw).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -160,14 +191,14 @@ def _date(summary: dict) -> str:
         return str(raw or "date unknown")
 
 
-def _short(commit: str | None) -> str:
+def short_commit(commit: str | None) -> str:
     if not commit:
         return "unknown"
     base, dirty = commit.removesuffix("-dirty"), commit.endswith("-dirty")
     return base[:12] + ("-dirty" if dirty else "")
 
 
-def _dirty_warning(commit: str | None) -> list[str]:
+def dirty_warning(commit: str | None) -> list[str]:
     if commit and commit.endswith("-dirty"):
         return ["", "> **Warning:** the run was made with uncommitted changes, so the commit above does not "
                     "contain the code that produced these numbers. Commit, rerun, and regenerate."]
@@ -189,7 +220,7 @@ def results_table(summary: dict) -> str:
     lines = ["| model | " + " | ".join(tasks) + " | mean |", "|---|" + "---:|" * (len(tasks) + 1)]
     for model in model_names(scores):
         row = row_scores(scores, model)
-        mean = _mean(list(row.values())) if set(row) == set(tasks) else None
+        mean = mean_of(list(row.values())) if set(row) == set(tasks) else None
         cells = [_f(row.get(t)) for t in tasks] + [_f(mean)]
         lines.append(f"| {_row_label(model, final, summary.get('first_stage'))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -318,10 +349,10 @@ def run_report(summary: dict) -> str:
     rid, commit = summary["run_id"], summary.get("git_commit")
     data = summary.get("dvc_data_md5") or summary.get("data_md5", "unknown")
     head = [f"## Run `{rid}`", "",
-            f"Preset `{summary['preset']}`, ablation `{summary['ablation']}`, commit `{_short(commit)}`, "
-            f"config `{summary.get('config_hash', 'unknown')}`, data `{data}`, {_date(summary)}.", "",
+            f"Preset `{summary['preset']}`, ablation `{summary['ablation']}`, commit `{short_commit(commit)}`, "
+            f"config `{summary.get('config_hash', 'unknown')}`, data `{data}`, {run_date(summary)}.", "",
             f"Reproduce: `{reproduce_command(summary)}`  ",
-            f"Regenerate this text: `q3e report {rid}`", *_dirty_warning(commit)]
+            f"Regenerate this text: `q3e report {rid}`", *dirty_warning(commit)]
     checks = stage_checks(summary["scores"], summary["final_model"])
     why = merge_note(summary, checks)
     sections = ["\n".join(head),
@@ -363,7 +394,7 @@ def _score_note(summary: dict) -> str:
     return note
 
 
-def _check_mixable(summaries: list[dict]) -> None:
+def check_mixable(summaries: list[dict]) -> None:
     if len(summaries) < 2:
         raise ReportError("a seeds table needs two or more runs")
     ids = [s["run_id"] for s in summaries]
@@ -393,14 +424,14 @@ def seed_statistics(summaries: list[dict]) -> dict[str, dict[str, tuple[float, f
             for t, v in row.items():
                 cells.setdefault(t, []).append(v)
             if set(row) == set(tasks):
-                cells.setdefault("mean", []).append(_mean(list(row.values())))
+                cells.setdefault("mean", []).append(mean_of(list(row.values())))
     return {model: {t: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
                     for t, v in cells.items()} for model, cells in per.items()}
 
 
 def report_seeds(summaries: list[dict]) -> str:
     """Mean ± std over runs that differ only by seed, with every run listed."""
-    _check_mixable(summaries)
+    check_mixable(summaries)
     first, n = summaries[0], len(summaries)
     stats = seed_statistics(summaries)
     tasks = task_names({m: s for run in summaries for m, s in run["scores"].items()})
@@ -413,7 +444,7 @@ def report_seeds(summaries: list[dict]) -> str:
     for s, sd in zip(summaries, seeds):
         shown = ", ".join(f"{k}={sd.get(k)}" for k in varying)
         shown = shown or (f"seed={sd['seed']}" if "seed" in sd else DASH)
-        runs.append(f"| `{s['run_id']}` | `{_short(s['git_commit'])}` | {shown} | {_date(s)} |")
+        runs.append(f"| `{s['run_id']}` | `{short_commit(s['git_commit'])}` | {shown} | {run_date(s)} |")
 
     lines = ["| model | " + " | ".join(tasks) + " | mean |", "|---|" + "---:|" * (len(tasks) + 1)]
     for model in [m for m in MODEL_ORDER if m in stats] + [m for m in stats if m not in MODEL_ORDER]:
@@ -430,12 +461,12 @@ def report_seeds(summaries: list[dict]) -> str:
     means = {m: {t + (RERANK if m == "reranker" else ""): v[0] for t, v in cells.items() if t != "mean"}
              for m, cells in stats.items()}
     head = [f"## {n} runs: preset `{first['preset']}`, ablation `{first['ablation']}`", "",
-            f"Commit `{_short(first['git_commit'])}`, config `{first['config_hash_without_seeds']}` "
+            f"Commit `{short_commit(first['git_commit'])}`, config `{first['config_hash_without_seeds']}` "
             f"(seeds left out), data `{first['dvc_data_md5']}`."
             + ("" if varying else " No seed differs between these runs: the spread is nondeterminism alone."),
             "",
             f"Regenerate this text: `q3e report {' '.join(s['run_id'] for s in summaries)}`",
-            *_dirty_warning(first["git_commit"])]
+            *dirty_warning(first["git_commit"])]
     sections = ["\n".join(head),
                 "### Runs\n\n" + "\n".join(runs) + "\n\nReproduce:\n\n"
                 + "\n".join(f"- `{s['run_id']}`: `{reproduce_command(s)}`" for s in summaries),

@@ -86,6 +86,32 @@ def test_same_sweep_in_a_fresh_project_gives_identical_metrics(sweeps):
         assert a["table"][setting] == b["table"][setting], setting
 
 
+def test_report_over_two_identical_sweeps_has_their_means_and_no_spread(sweeps):
+    from tasks.ablation import report_ablation_seeds
+    from tasks.report import load_sweep
+    from tests.summaries import table_rows
+
+    loaded, ids = [], []
+    for name in ("a", "b"):
+        root, res = sweeps[name]
+        sweep = load_sweep(root / "runs", res["run_id"])
+        loaded.append({s: sweep[s] for s in PAPER})
+        ids.append(res["run_id"])
+    md = report_ablation_seeds(loaded, ids)
+    rows = table_rows(md, "| setting |")
+    columns = rows[0][1:]
+    assert [r[0] for r in rows[1:]] == PAPER and columns[-2:] == ["Δ mean vs full", "seed values"]
+    for name in ("a", "b"):
+        table = sweeps[name][1]["table"]
+        for setting, *cells in rows[1:]:
+            for col, cell in zip(columns[:-2], cells):
+                assert cell == f"{table[setting][col]:.3f} ± 0.000", (name, setting, col)
+            delta = table[setting]["delta_vs_full"]
+            assert cells[-2] == ("–" if setting == "full" else f"{delta:+.3f} ± 0.000"), (name, setting)
+            assert cells[-1] == f"{table[setting]['mean']:.3f} / {table[setting]['mean']:.3f}"
+    assert "No seed differs between these sweeps" in md
+
+
 def test_rerun_reproduces_a_run_from_mlflow(sweeps, tmp_path):
     from flows.ablate import rerun_args
     from flows.pipeline import pipeline

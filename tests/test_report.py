@@ -11,7 +11,7 @@ import statistics
 import pytest
 from typer.testing import CliRunner
 
-from tasks import report
+from tasks import ablation, report
 
 from tests.summaries import COMMIT, NQ, STS, make_summary, table_rows
 
@@ -245,3 +245,175 @@ def test_pipeline_summary_logs_checks_to_mlflow_and_reports(tmp_path, monkeypatc
     assert "**FAIL**: stage1 ≥ backbone" in text and "Stage 1 trained on 4 pairs." in text
     assert "### Benchmarks" in text and "| merged (final) | 0.500 / 0.500 |" in text
 
+
+
+# ----------------------------------------------------------------------------- ablation sweeps over seeds
+
+FINAL = {"full": "merged", "no-merge": "stage2", "no-synthetic": "stage2", "only-synthetic": "stage1"}
+# (NQ, STS) of each setting's final model in sweeps 0, 1, 2 (one per seed), chosen so that
+# only-synthetic < no-synthetic holds beyond noise (paired differences +0.10, +0.12, +0.11),
+# no-synthetic < no-merge is within noise (+0.02, -0.01, +0.005) and no-merge < full is reversed
+# beyond noise (-0.03, -0.03, -0.0325), while each setting's own spread over seeds is ~0.015.
+ABLATION_SCORES = {
+    "full": [(0.30, 0.50), (0.32, 0.52), (0.31, 0.47)],
+    "no-merge": [(0.33, 0.53), (0.35, 0.55), (0.345, 0.50)],
+    "no-synthetic": [(0.31, 0.51), (0.36, 0.56), (0.335, 0.50)],
+    "only-synthetic": [(0.21, 0.41), (0.24, 0.44), (0.235, 0.38)],
+}
+
+
+def make_sweep(seed: int, commit: str = COMMIT) -> dict[str, dict]:
+    """{setting: summary} as flows/ablate.py writes it for a sweep run with stage1/stage2/reranker.seed=seed."""
+    sweep = {}
+    for setting, per_seed in ABLATION_SCORES.items():
+        s = make_summary(f"s{seed}-{setting}", seed=seed, commit=commit)
+        final = FINAL[setting]
+        chain = [m for m in report.CHAIN if not (setting == "no-synthetic" and m == "stage1")]
+        keep = chain[:chain.index(final) + 1] + (["reranker"] if setting == "full" else [])
+        s["scores"] = {m: v for m, v in s["scores"].items() if m in keep}
+        s["scores"][final] = dict(zip([NQ, STS], per_seed[seed]))
+        s.update(ablation=setting, final_model=final, config_hash_without_seeds=f"cfg-{setting}",
+                 seeds={"seed": 0, "reranker.seed": seed, "stage1.seed": seed, "stage2.seed": seed},
+                 overrides=[f"{k}.seed={seed}" for k in ("stage1", "stage2", "reranker")])
+        sweep[setting] = s
+    return sweep
+
+
+def _ablation_md(n: int = 3) -> str:
+    return ablation.report_ablation_seeds([make_sweep(i) for i in range(n)], [f"sweep{i}" for i in range(n)])
+
+
+def test_ablation_seeds_table_is_mean_and_std_over_sweeps():
+    md = _ablation_md()
+    rows = table_rows(md, "| setting |")
+    assert rows[0] == ["setting", NQ, STS, "mean", "Δ mean vs full", "seed values"]
+    assert [r[0] for r in rows[1:]] == list(ABLATION_SCORES)  # the first sweep's order
+    for setting, row in zip(ABLATION_SCORES, rows[1:]):
+        nq, sts = zip(*ABLATION_SCORES[setting])
+        means = [(a + b) / 2 for a, b in zip(nq, sts)]
+        expected = [f"{statistics.fmean(v):.3f} ± {statistics.stdev(v):.3f}" for v in (nq, sts, means)]
+        assert row[1:4] == expected, setting
+        assert row[5] == " / ".join(f"{m:.3f}" for m in means)
+    assert rows[2][1:4] == ["0.342 ± 0.010", "0.527 ± 0.025", "0.434 ± 0.014"]  # no-merge, by hand
+    assert rows[2][5] == "0.430 / 0.450 / 0.422"
+    assert "## Ablations over 3 sweeps: preset `smol`" in md and f"Commit `{COMMIT[:12]}`" in md
+    assert "Regenerate this text: `q3e report --ablations sweep0 sweep1 sweep2`" in md
+    assert "full: merged, no-merge: stage2, no-synthetic: stage2, only-synthetic: stage1" in md
+    runs = table_rows(md, "| sweep |")
+    assert len(runs) == 1 + 3 * 4
+    assert runs[1][:3] == ["`sweep0`", "full", "`s0-full`"]
+    assert runs[-1][:4] == ["`sweep2`", "only-synthetic", "`s2-only-synthetic`",
+                            "reranker.seed=2, stage1.seed=2, stage2.seed=2"]
+
+
+def test_ablation_delta_to_full_is_paired_by_seed():
+    rows = {r[0]: r for r in table_rows(_ablation_md(), "| setting |")[1:]}
+    full = [(a + b) / 2 for a, b in ABLATION_SCORES["full"]]
+    assert rows["full"][4] == "–"
+    for setting in ("no-merge", "no-synthetic", "only-synthetic"):
+        mine = [(a + b) / 2 for a, b in ABLATION_SCORES[setting]]
+        paired = [m - f for m, f in zip(mine, full)]
+        assert rows[setting][4] == f"{statistics.fmean(paired):+.3f} ± {statistics.stdev(paired):.3f}", setting
+    # the seeds move full and no-merge together: the paired spread is far below the unpaired one
+    assert rows["no-merge"][4] == "+0.031 ± 0.001"
+    no_merge = [(a + b) / 2 for a, b in ABLATION_SCORES["no-merge"]]
+    unpaired = (statistics.variance(no_merge) + statistics.variance(full)) ** 0.5
+    assert f"{unpaired:.3f}" != "0.001"
+
+
+def test_ablation_ordering_says_holds_within_noise_or_reversed():
+    means = {s: [(a + b) / 2 for a, b in v] for s, v in ABLATION_SCORES.items()}
+    checks = ablation.ordering_checks(means)
+    assert [(c["lower"], c["higher"], c["verdict"]) for c in checks] == [
+        ("only-synthetic", "no-synthetic", "holds"), ("no-synthetic", "no-merge", "within noise"),
+        ("no-merge", "full", "reversed")]
+    d = [f - m for f, m in zip(means["full"], means["no-merge"])]
+    assert checks[2]["diff"] == pytest.approx(statistics.fmean(d))
+    assert checks[2]["se"] == pytest.approx(statistics.stdev(d) / 3 ** 0.5)
+
+    md = _ablation_md()
+    assert "- only-synthetic < no-synthetic: **holds**, beyond noise: Δ = +0.110, 2 × SE = 0.012" in md
+    assert "- no-synthetic < no-merge: within noise (the mean difference holds): Δ = +0.005, 2 × SE = 0.017" in md
+    assert "- no-merge < full: **reversed**, beyond noise: Δ = -0.031, 2 × SE = 0.002" in md
+    # only the pairs present: without no-merge, no-synthetic is compared with full
+    partial = ablation.ordering_checks({s: means[s] for s in ("full", "no-synthetic")})
+    assert [(c["lower"], c["higher"]) for c in partial] == [("no-synthetic", "full")]
+    assert "No two settings" in ablation.ordering_markdown(ablation.ordering_checks({"full": means["full"]}))
+
+
+def test_ablation_seeds_refuse_different_settings_commits_one_sweep_and_duplicates():
+    a, b = make_sweep(0), make_sweep(1)
+    del b["no-merge"]
+    with pytest.raises(report.ReportError, match=r"same settings: sweep B has no no-merge \(in sweep A\)"):
+        ablation.report_ablation_seeds([a, b], ["A", "B"])
+    with pytest.raises(report.ReportError, match=r"sweep B has no no-merge \(in sweep A\)"):
+        ablation.report_ablation_seeds([b, a], ["B", "A"])
+    with pytest.raises(report.ReportError, match="different commits.*s0-full.*s1-full"):
+        ablation.report_ablation_seeds([make_sweep(0), make_sweep(1, commit="f" * 40)], ["A", "B"])
+    c = make_sweep(1)
+    c["only-synthetic"]["config_hash_without_seeds"] = "other"
+    with pytest.raises(report.ReportError, match=r"different configurations \(apart from seeds\)"):
+        ablation.report_ablation_seeds([make_sweep(0), c], ["A", "B"])
+    with pytest.raises(report.ReportError, match="two or more sweeps"):
+        ablation.report_ablation_seeds([make_sweep(0)], ["A"])
+    with pytest.raises(report.ReportError, match=r"a sweep is given twice: \['A'\]"):
+        ablation.report_ablation_seeds([make_sweep(0), make_sweep(0)], ["A", "A"])
+    d = make_sweep(1)
+    del d["full"]["scores"]["merged"][STS]
+    with pytest.raises(report.ReportError, match=f"run s1-full \\(full\\): .* no score on {STS}"):
+        ablation.report_ablation_seeds([make_sweep(0), d], ["A", "B"])
+
+
+def _write_sweep(run_dir, sweep_id, sweep):
+    path = run_dir / "ablations" / sweep_id / "summaries.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(sweep))
+    return path
+
+
+def test_load_sweep_names_the_missing_or_bad_file(tmp_path):
+    with pytest.raises(report.ReportError, match=f"sweep nope: no summaries at {tmp_path / 'ablations' / 'nope'}"):
+        report.load_sweep(tmp_path, "nope")
+    path = _write_sweep(tmp_path, "bad", {})
+    path.write_text("{not json")
+    with pytest.raises(report.ReportError, match=f"{path}: not valid JSON"):
+        report.load_sweep(tmp_path, "bad")
+    path.write_text(json.dumps({"full": {"run_id": "r", "final_model": "merged"}}))
+    with pytest.raises(report.ReportError, match=f"{path}: setting 'full' is not a pipeline run summary "
+                                                 f"\\(no field 'scores'\\)"):
+        report.load_sweep(tmp_path, "bad")
+    path.write_text(json.dumps([1, 2]))
+    with pytest.raises(report.ReportError, match="not an ablation sweep's summaries"):
+        report.load_sweep(tmp_path, "bad")
+    sweep = make_sweep(0)
+    del sweep["full"]["date"]
+    _write_sweep(tmp_path, "ok", sweep)
+    loaded = report.load_sweep(tmp_path, "ok")
+    assert list(loaded) == list(ABLATION_SCORES) and loaded["full"]["date"]  # the file's time
+
+
+def test_cli_reports_ablation_sweeps_with_out_and_plot(tmp_path, capsys):
+    from flows.cli import main
+
+    run_dir = tmp_path / "runs"
+    for i in range(3):
+        _write_sweep(run_dir, f"sweep{i}", make_sweep(i))
+    out, png = tmp_path / "docs" / "ablations.md", tmp_path / "docs" / "ablations.png"
+    ids = ["sweep0", "sweep1", "sweep2"]
+    assert main(["report", "--ablations", *ids, "--run-dir", str(run_dir), "--out", str(out),
+                 "--plot", str(png)]) == 0
+    assert out.read_text() == _ablation_md()
+    assert png.stat().st_size > 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in png.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and f"wrote {png}" in printed
+
+    assert main(["report", "--ablations", *ids, "--run-dir", str(run_dir)]) == 0
+    assert capsys.readouterr().out == _ablation_md()
+
+    assert main(["report", "--ablations", "--latest", "--run-dir", str(run_dir)]) == 1
+    assert "--latest picks one run, not sweeps" in capsys.readouterr().err
+    assert main(["report", "sweep0", "--plot", str(png), "--run-dir", str(run_dir)]) == 1
+    assert "use it with --ablations" in capsys.readouterr().err
+    assert main(["report", "--ablations", "sweep0", "gone", "--run-dir", str(run_dir)]) == 1
+    assert f"sweep gone: no summaries at {run_dir / 'ablations' / 'gone' / 'summaries.json'}" in capsys.readouterr().err
