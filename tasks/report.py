@@ -40,15 +40,19 @@ def summary_path(run_dir: str | Path, run_id: str) -> Path:
     return Path(run_dir) / "runs" / run_id / "summary.json"
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: not valid JSON: {e}") from None
+
+
 def load_summary(run_dir: str | Path, run_id: str) -> dict:
     path = summary_path(run_dir, run_id)
     if not path.is_file():
         raise ReportError(f"run {run_id}: no summary at {path} (a pipeline run writes it when it finishes; "
                           f"is --run-dir the run_dir of that run?)")
-    try:
-        summary = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path}: not valid JSON: {e}") from None
+    summary = _read_json(path)
     if not isinstance(summary, dict) or "scores" not in summary:
         raise ReportError(f"{path}: not a pipeline run summary (no field 'scores')")
     # summaries written before the field existed: the file's time is when the run finished
@@ -67,10 +71,7 @@ def load_sweep(run_dir: str | Path, sweep_id: str) -> dict[str, dict]:
     if not path.is_file():
         raise ReportError(f"sweep {sweep_id}: no summaries at {path} (`q3e ablate` writes it when the sweep "
                           f"finishes; is --run-dir the run_dir of that sweep?)")
-    try:
-        sweep = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path}: not valid JSON: {e}") from None
+    sweep = _read_json(path)
     if not isinstance(sweep, dict) or not sweep:
         raise ReportError(f"{path}: not an ablation sweep's summaries ({{setting: run summary}})")
     finished = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
