@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.pipeline import _logger, pipeline
+from flows.pipeline import pipeline, run_logger
 from tasks import tracking
 from tasks.ablation import ablation_table, plot_ablation, table_markdown
 from tasks.config import load_config
@@ -26,7 +26,7 @@ def ablate(preset: str = "smol", only: list[str] | None = None, overrides: list[
     """Run every setting (or `only` those), then build the Table-5-shaped comparison."""
     import mlflow
 
-    logger = _logger()
+    logger = run_logger()
     cfg = load_config(preset, overrides or [], files=config_files or [])
     settings = list(only or cfg.ablations.settings)
     for name in settings:  # fail before anything runs if a setting has no overlay

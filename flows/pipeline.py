@@ -52,7 +52,7 @@ class Context:
     timings: list[dict] = field(default_factory=list)
 
 
-def _logger():
+def run_logger():
     try:
         return get_run_logger()
     except Exception:  # outside a Prefect run context
@@ -64,7 +64,7 @@ def run_stage(ctx: Context, sd: StageDir, fn: Callable, args: tuple = (), kwargs
               resources: Resources | None = None, params: dict | None = None) -> dict:
     """Reuse `sd` if complete, else run `fn(*args, **kwargs)` (as a Ray task when `resources` is
     given), record its result, and log the stage as a nested MLflow run."""
-    logger = _logger()
+    logger = run_logger()
     t0 = time.perf_counter()
     result = sd.result()
     cached = result is not None
@@ -143,7 +143,7 @@ def stage1(ctx: Context, synth: dict | None) -> dict | None:
     if not cfg.stage1.enabled or synth is None:
         return None
     if synth["n_accepted"] == 0:
-        _logger().warning("stage1: synthesis accepted no pairs (see %s); skipping stage 1", synth["stats"])
+        run_logger().warning("stage1: synthesis accepted no pairs (see %s); skipping stage 1", synth["stats"])
         return None
     key = stage_key("stage1", train=cfg.stage1, model=cfg.model, synth=synth["key"], data=ctx.data_md5)
     sd = stage_dir(ctx.artifacts, "stage1", key)
@@ -224,7 +224,7 @@ def merging(ctx: Context, trained: dict | None, merge_cfg, name: str, base: str 
         return None
     ckpts = trained["checkpoints"][-merge_cfg.num_checkpoints:]
     if len(ckpts) < 2:
-        _logger().warning("%s: only %d checkpoint(s) kept; nothing to merge", name, len(ckpts))
+        run_logger().warning("%s: only %d checkpoint(s) kept; nothing to merge", name, len(ckpts))
         return None
     key = stage_key(name, merge=merge_cfg, trained=trained["key"], base=base)
     sd = stage_dir(ctx.artifacts, name, key)
@@ -242,7 +242,7 @@ def balances_merging(ctx: Context, balances: list[dict], s1: dict | None) -> dic
     if not cfg.merge.enabled or not balances:
         return None
     if len(balances) < 2:
-        _logger().warning("merge: one stage-2 balance; nothing to merge")
+        run_logger().warning("merge: one stage-2 balance; nothing to merge")
         return None
     base = (s1 or backbone(ctx)) if cfg.merge.method == "task_slerp" else None
     key = stage_key("merge", merge=cfg.merge, trained=[b["key"] for b in balances],
@@ -305,7 +305,7 @@ def pipeline(preset: str = "smol", overrides: list[str] | None = None, ablation:
     cfg = load_config(preset, overrides or [], ablation=ablation, files=config_files or [])
     root = Path(project_dir).resolve()
     run_dir = root / cfg.run_dir
-    logger = _logger()
+    logger = run_logger()
 
     data_md5 = lineage.ensure_config_data(root, cfg)
     experiment_id = tracking.setup(run_dir, cfg.infra.mlflow_experiment, cfg.infra.mlflow_tracking_uri)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.pipeline import _logger, pipeline
+from flows.pipeline import pipeline, run_logger
 from tasks import lineage, tracking
 from tasks.config import load_config
 
@@ -53,7 +53,7 @@ def retrain(preset: str = "smol", overrides: list[str] | None = None, config_fil
             project_dir: str = ".") -> dict:
     import mlflow
 
-    logger = _logger()
+    logger = run_logger()
     cfg = load_config(preset, overrides or [], files=config_files or [])
     rc = cfg.retrain
     root = Path(project_dir).resolve()

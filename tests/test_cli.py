@@ -1,4 +1,4 @@
-"""The `q3e` command line (flows/cli.py): how it parses a command line, what each command's --help
+"""The `q3e` command line (flows/cli/): how it parses a command line, what each command's --help
 says it does, the defaults it takes from conf/base.yaml, and failures as one `error:` line. Run
 in-process through `main`, the console entry; commands that start services are left to the
 end-to-end tests (tests/test_pipeline.py, tests/reliability/test_process_hygiene.py)."""

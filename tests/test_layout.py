@@ -44,9 +44,9 @@ def _imported_on_load(path: Path, known: set[str]) -> set[str]:
     return names & known
 
 
-def test_modules_under_tasks_import_each_other_without_a_cycle():
-    paths = {_module_name(p): p for p in sorted((ROOT / "tasks").rglob("*.py"))}
-    graph = {m: sorted(_imported_on_load(p, set(paths))) for m, p in paths.items()}
+def test_modules_under_tasks_and_flows_import_each_other_without_a_cycle():
+    paths = {_module_name(p): p for top in ("tasks", "flows") for p in sorted((ROOT / top).rglob("*.py"))}
+    graph = {m: sorted(_imported_on_load(p, set(paths)) - {m}) for m, p in paths.items()}  # a package loads its own modules
     cycles, done = [], set()
 
     def visit(module: str, chain: list[str]) -> None:
@@ -62,6 +62,25 @@ def test_modules_under_tasks_import_each_other_without_a_cycle():
     for module in graph:
         visit(module, [])
     assert cycles == []
+
+
+def test_no_module_imports_another_modules_private_names():
+    """`from tasks.x import _helper` ties two modules to one's internals: what modules share is public.
+    A package's __init__ may re-export its own submodules' names."""
+    offenders = {}
+    for path in sorted(p for top in ("tasks", "flows", "bench") for p in (ROOT / top).rglob("*.py")):
+        package = _module_name(path) if path.name == "__init__.py" else None
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.level == 0):
+                continue
+            if node.module.split(".")[0] not in ("tasks", "flows", "bench"):
+                continue
+            if package and node.module.startswith(package + "."):
+                continue
+            private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            if private:
+                offenders.setdefault(str(path.relative_to(ROOT)), []).append(f"{node.module}: {private}")
+    assert offenders == {}
 
 
 def test_no_test_module_imports_another():
