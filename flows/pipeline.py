@@ -138,6 +138,16 @@ def synthesis(ctx: Context) -> dict | None:
         params=_section(cfg, "synth"))
 
 
+def catalog_inputs(train: TrainConfig, ctx: Context) -> dict:
+    """The content keys of a stage's catalog sources, as stage-key inputs (none without catalog sources,
+    so the keys of other stages stay what they were): a catalog entry is named in the config, but what
+    it holds is in conf/catalog.yaml (and its stand-in)."""
+    from tasks.data.catalog import content_keys
+
+    keys = content_keys(train.data, ctx.root)
+    return {"catalog": keys} if keys else {}
+
+
 def stage1(ctx: Context, synth: dict | None) -> dict | None:
     cfg = ctx.cfg
     if not cfg.stage1.enabled or synth is None:
@@ -145,7 +155,8 @@ def stage1(ctx: Context, synth: dict | None) -> dict | None:
     if synth["n_accepted"] == 0:
         run_logger().warning("stage1: synthesis accepted no pairs (see %s); skipping stage 1", synth["stats"])
         return None
-    key = stage_key("stage1", train=cfg.stage1, model=cfg.model, synth=synth["key"], data=ctx.data_md5)
+    key = stage_key("stage1", train=cfg.stage1, model=cfg.model, synth=synth["key"], data=ctx.data_md5,
+                    **catalog_inputs(cfg.stage1, ctx))
     sd = stage_dir(ctx.artifacts, "stage1", key)
     return run_stage.with_options(name=sd.name)(
         ctx, sd, train_stage, (cfg.stage1, cfg.model, str(sd.path)),
@@ -181,7 +192,7 @@ def stage2(ctx: Context, s1: dict | None, filtered: dict | None, train: TrainCon
     train = cfg.stage2 if train is None else train
     extra = [filtered["kept_dir"]] if filtered and filtered.get("n_kept", 0) > 0 else []
     key = stage_key("stage2", train=train, model=cfg.model, init=s1["key"] if s1 else None,
-                    filtered=filtered["key"] if filtered else None, data=ctx.data_md5)
+                    filtered=filtered["key"] if filtered else None, data=ctx.data_md5, **catalog_inputs(train, ctx))
     sd = stage_dir(ctx.artifacts, name, key, folder="stage2")
     stage = run_stage.with_options(name=sd.name)
     params = {f"stage2.{k}": v for k, v in flatten(train.model_dump(mode="json")).items()}
@@ -260,7 +271,8 @@ def reranker(ctx: Context, filtered: dict | None) -> dict | None:
         return None
     extra = [filtered["kept_dir"]] if filtered and filtered.get("n_kept", 0) > 0 else []
     key = stage_key("reranker", train=cfg.reranker, model=cfg.reranker_backbone,
-                    filtered=filtered["key"] if filtered else None, data=ctx.data_md5)
+                    filtered=filtered["key"] if filtered else None, data=ctx.data_md5,
+                    **catalog_inputs(cfg.reranker, ctx))
     sd = stage_dir(ctx.artifacts, "reranker", key)
     return run_stage.with_options(name=sd.name)(
         ctx, sd, train_stage, (cfg.reranker, cfg.reranker_backbone, str(sd.path)),

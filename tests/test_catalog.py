@@ -381,3 +381,28 @@ def test_a_bad_entry_is_one_error_line_before_anything_runs(cli, tmp_path, monke
     monkeypatch.setattr("tasks.data.catalog.CATALOG_FILE", CATALOG_FILE)
     code, _, err = cli("train", "--preset", "micro", "stage2.data=[{catalog: msmarc}]", "--out", str(tmp_path / "o"))
     assert code == 1 and "no entry 'msmarc'; entries: msmarco" in err
+
+
+def test_a_training_stages_key_follows_what_its_catalog_entry_holds(tmp_path, monkeypatch):
+    """The config names an entry; conf/catalog.yaml says what it holds. Editing the entry (its fields, its
+    revision) changes the key of the stages that read it, and only of those."""
+    from flows.pipeline import catalog_inputs
+    from tasks.config import load_config
+
+    class Ctx:
+        root = tmp_path
+
+    def use(entry: dict, folder: str) -> None:
+        (tmp_path / folder).mkdir()
+        monkeypatch.setattr("tasks.data.catalog.CATALOG_FILE", _catalog(tmp_path / folder, entry, name="nq"))
+
+    use(GOOD, "first")
+    cfg = load_config("micro", ["stage2.data=[{catalog: nq, limit: 4}]", "data.catalog_offline=true"])
+    first = catalog_inputs(cfg.stage2, Ctx)
+    assert set(first["catalog"]) == {"nq"}
+    assert catalog_inputs(cfg.stage1, Ctx) == {}  # no catalog source: the stage's key is what it was
+    assert catalog_inputs(cfg.stage2, Ctx) == first  # the same entry: the same key
+
+    for change in ({"fields": {"query": "answer", "positive": "query"}}, {"revision": "v2"}):
+        use(GOOD | change, next(iter(change)))
+        assert catalog_inputs(cfg.stage2, Ctx) != first, change

@@ -457,6 +457,19 @@ def cache_path(src: DataSource, root: str | Path | None = None, catalog: Catalog
     return base / src.catalog / f"{key}.jsonl"
 
 
+def content_keys(sources: list[DataSource], root: str | Path | None = None) -> dict[str, str]:
+    """{entry: cache key} of the catalog sources among `sources`: what decides their pairs (the entry
+    in conf/catalog.yaml, the source's options, the stand-in's bytes when offline). A training stage's
+    key includes it, so editing an entry retrains the stages that read it; empty without catalog sources."""
+    catalog = None
+    keys = {}
+    for src in sources:
+        if src.catalog is not None:
+            catalog = catalog or load_catalog()
+            keys[src.catalog] = cache_path(src, root, catalog).stem
+    return keys
+
+
 def materialise(src: DataSource, root: str | Path | None = None, *, skip_bad_rows: bool = False) -> Path:
     """The cached JSONL of a catalog source, written on first use (streamed to disk, then renamed, so
     a crash leaves no partial cache), with `<key>.json` beside it: what was read and skipped."""
