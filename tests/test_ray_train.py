@@ -279,6 +279,28 @@ def test_distributed_is_configuration_only(micro_cfg):
         load_config("micro", ["stage2.distributed.num_workers=2"])
 
 
+def test_the_driver_streams_catalog_sources_once_before_any_worker_starts(tmp_path, monkeypatch):
+    """Every Ray Train worker reads the stage's data; a catalog entry is streamed from the hub into its
+    JSONL cache by the driver first, so the workers read the cache instead of each streaming the hub."""
+    from tasks.data.catalog import cache_path
+    from tasks.training.ray_train import train_distributed
+
+    class RayStarts(Exception):
+        pass
+
+    def no_ray(address=None):
+        raise RayStarts
+
+    monkeypatch.setattr("tasks.distributed.init_ray", no_ray)
+    cfg = load_config("micro", ["stage2.distributed.engine=ray_train", "stage2.distributed.num_workers=2",
+                                "stage2.data=[{catalog: msmarco, limit: 2}]", "data.catalog_offline=true"]).stage2
+    cache = cache_path(cfg.data[0], tmp_path)
+    assert not cache.exists()
+    with pytest.raises(RayStarts):
+        train_distributed(cfg, "unused", tmp_path / "out", data_root=tmp_path)
+    assert cache.is_file() and len(cache.read_text().splitlines()) == 2
+
+
 @pytest.mark.parametrize("preset", ["zero2", "zero3"])
 def test_deepspeed_configs_are_sized_from_the_train_config(micro_cfg, preset):
     from tasks.config import CONF_DIR

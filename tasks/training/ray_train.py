@@ -113,11 +113,18 @@ def train_distributed(cfg: TrainConfig, model_cfg: ModelConfig | str, out_dir: s
                          f"{dc.num_workers}: every worker takes an equal slice of the global batch")
     if dc.deepspeed:
         deepspeed_config(dc.deepspeed, cfg)  # a missing or invalid JSON fails here, on the driver
+    root = str(Path(data_root).resolve()) if data_root else str(Path.cwd())
+    if pairs is None:  # catalog sources are streamed here, once, into their JSONL cache: not by every worker
+        from tasks.data.catalog import materialise
+
+        for src in cfg.data:
+            if src.catalog is not None:
+                materialise(src, root, skip_bad_rows=src.skip_bad_lines)
     init_ray(ray_address)
     backend = dc.backend if dc.backend != "auto" else ("nccl" if dc.use_gpu else "gloo")
     config = {
         "cfg": cfg, "model_cfg": _absolute_model(model_cfg), "init": _absolute(init), "out_dir": str(out_dir),
-        "pairs": pairs, "data_root": str(Path(data_root).resolve()) if data_root else str(Path.cwd()),
+        "pairs": pairs, "data_root": root,
         "stop_after": stop_after, "threads": max(1, int(dc.resources_per_worker.get("CPU", 1))),
     }
     # Ray Train runs the training function in a thread of the worker, and glibc gives a thread its
