@@ -1,5 +1,6 @@
 """The micro configurations several test modules run: the pipeline's overrides for a whole run on
-the real data with a scripted LLM endpoint, and a synthesis config on real passages."""
+the real data with a scripted LLM endpoint, a synthesis config on real passages, and the empty DVC
+project a flow runs in."""
 
 from __future__ import annotations
 
@@ -34,3 +35,12 @@ def synth_cfg(shared_data: Path, personas: Path, **update) -> SynthConfig:
                 passage_order="file")
     gen = base["generator"] | update.pop("generator", {})
     return SynthConfig.model_validate(base | update | {"generator": gen})
+
+
+def dvc_project(tmp_path_factory, name: str) -> Path:
+    """A fresh folder initialised as a DVC project (no git), where a flow keeps data/, runs/, datasets/."""
+    from dvc.repo import Repo
+
+    root = tmp_path_factory.mktemp(name)
+    Repo.init(str(root), no_scm=True)
+    return root

@@ -153,3 +153,27 @@ def test_a_config_built_in_code_takes_its_defaults_from_base_yaml(tmp_path, monk
     out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "Q3E_CONF_DIR": str(conf)},
                          capture_output=True, text=True, cwd=config.CONF_DIR.parent)
     assert out.stdout.strip() == "77", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("preset", ["micro", "smol"])
+def test_every_ablation_setting_loads_and_changes_only_its_overlays_keys(preset):
+    """Each setting of `ablations.settings` is conf/ablations/<name>.yaml on top of the preset: it
+    loads, changes the resolved config, and changes nothing its overlay does not name (tests/test_ablate.py
+    runs some of them end to end, tests/test_losses.py checks each loss switch against the reference)."""
+    from tasks.config import load_config
+    from tasks.config.base import flatten
+    from tasks.config.loading import CONF_DIR, read_yaml
+
+    full = load_config(preset)
+    settings = full.ablations.settings
+    assert settings[0] == "full"
+    assert sorted(settings[1:]) == sorted(p.stem for p in (CONF_DIR / "ablations").glob("*.yaml"))
+    base = {k: v for k, v in full.flat().items() if k != "ablation"}
+    for name in settings[1:]:
+        overlay = flatten(read_yaml(CONF_DIR / "ablations" / f"{name}.yaml"))
+        flat = load_config(preset, ablation=name).flat()
+        changed = {k for k in base if flat.get(k) != base[k]}
+        assert changed, f"{name} changes nothing"
+        assert changed <= set(overlay), f"{name} changes {sorted(changed - set(overlay))} that its overlay does not name"
+        for key, value in overlay.items():
+            assert flat[key] == value, (name, key)

@@ -9,18 +9,14 @@ import json
 
 import pytest
 
-from tests.configs import pipeline_overrides
+from tests.configs import dvc_project, pipeline_overrides
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    from dvc.repo import Repo
-
-    root = tmp_path_factory.mktemp("project")
-    Repo.init(str(root), no_scm=True)
-    return root
+    return dvc_project(tmp_path_factory, "project")
 
 
 # more filter actors than the tests' Ray (two CPUs) holds: the flow must hand the stage two
