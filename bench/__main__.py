@@ -79,7 +79,8 @@ def run_one(name: str, args: argparse.Namespace, quiet: dict | None = None) -> d
               "options": {k: v for k, v in vars(args).items() if k not in ("out", "func") and
                           isinstance(v, (int, float, str, bool, type(None)))},
               **result}
-    path = harness.write_result(name, record, args.out)
+    # a benchmark whose figures depend on an option (ray_train: the preset) names its file by it
+    path = harness.write_result(mod.result_name(args) if hasattr(mod, "result_name") else name, record, args.out)
     print(mod.render(record), flush=True)
     print(f"load average before {before}, after {record['load_after']}; other processes kept "
           f"{record['other_cpu']['other_cores_busy_mean']} cores busy on average "

@@ -40,6 +40,11 @@ PAIRS = 512
 SNLI_INSTRUCTION = "Given a premise, retrieve a hypothesis that is entailed by the premise"
 
 
+def result_name(args: argparse.Namespace) -> str:
+    """bench/results/ray_train-<preset>.json: one record per preset."""
+    return f"{NAME}-{args.preset}"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=("micro", "smol"), default="smol",
                    help="configuration preset whose stage settings and models are trained (default smol)")
