@@ -230,18 +230,27 @@ def backbone(ctx: Context) -> dict:
         params=_section(cfg, "model"))
 
 
-def merging(ctx: Context, trained: dict | None, merge_cfg, name: str, base: str | None = None) -> dict | None:
+def merge_key(name: str, merge_cfg, trained: dict, base: dict | None) -> str:
+    """The key of a checkpoint merge: what it merges (the trained stage's key) and, for task_slerp,
+    the key of the model the deltas are taken from; never a path, so the same merge in another
+    clone or run_dir has the same key."""
+    return stage_key(name, merge=merge_cfg, trained=trained["key"],
+                     base=base["key"] if base is not None and merge_cfg.method == "task_slerp" else None)
+
+
+def merging(ctx: Context, trained: dict | None, merge_cfg, name: str, base: dict | None = None) -> dict | None:
+    """Slerp of the last `merge_cfg.num_checkpoints` checkpoints of `trained`; with task_slerp, of
+    their deltas from `base` (the result of the stage the training started from)."""
     if trained is None or not merge_cfg.enabled:
         return None
     ckpts = trained["checkpoints"][-merge_cfg.num_checkpoints:]
     if len(ckpts) < 2:
         run_logger().warning("%s: only %d checkpoint(s) kept; nothing to merge", name, len(ckpts))
         return None
-    key = stage_key(name, merge=merge_cfg, trained=trained["key"], base=base)
-    sd = stage_dir(ctx.artifacts, name, key)
+    sd = stage_dir(ctx.artifacts, name, merge_key(name, merge_cfg, trained, base))
     return run_stage.with_options(name=sd.name)(
         ctx, sd, merge_stage, (ckpts, str(sd.path)),
-        {"weights": merge_cfg.weights, "base": base if merge_cfg.method == "task_slerp" else None},
+        {"weights": merge_cfg.weights, "base": base["final"] if base and merge_cfg.method == "task_slerp" else None},
         params={f"{name}.{k}": v for k, v in merge_cfg.model_dump(mode="json").items()})
 
 
@@ -351,7 +360,8 @@ def pipeline(preset: str = "smol", overrides: list[str] | None = None, ablation:
             merged = balances_merging(ctx, balances, s1)
         else:
             s2 = stage2(ctx, s1, filtered)
-            merged = merging(ctx, s2, cfg.merge, "merge", base=s1["final"] if s1 else None)
+            start = (s1 or backbone(ctx)) if cfg.merge.method == "task_slerp" else None  # where stage 2 began
+            merged = merging(ctx, s2, cfg.merge, "merge", base=start)
         rr = reranker(ctx, filtered)
         rr_merged = merging(ctx, rr, cfg.reranker_merge, "reranker-merge")
 

@@ -85,6 +85,25 @@ def test_keys_do_not_depend_on_argument_order_or_path_type(monkeypatch):
     assert stage_key("merge", trained="k1") != before
 
 
+def test_a_merge_key_names_what_it_merges_and_from_where_never_a_path(tmp_path):
+    """The same merge in another clone reuses its folder: a task_slerp merge's key holds the key of
+    the model its deltas start from (stage 1, or the backbone), not that model's path; a plain slerp
+    reads no base, so none is in its key."""
+    from flows.pipeline import merge_key
+
+    cfg = load_config("micro")
+    stage2 = {"key": "s2", "final": str(tmp_path / "a" / "stage2")}
+    stage1_here = {"key": "s1", "final": str(tmp_path / "a" / "stage1")}
+    stage1_there = {"key": "s1", "final": str(tmp_path / "b" / "stage1")}
+    backbone = {"key": "bb", "final": str(tmp_path / "a" / "backbone")}
+    slerp = merge_key("merge", cfg.merge, stage2, stage1_here)
+    assert slerp == merge_key("merge", cfg.merge, stage2, stage1_there) == merge_key("merge", cfg.merge, stage2, None)
+    task = cfg.merge.model_copy(update={"method": "task_slerp"})
+    from_stage1 = merge_key("merge", task, stage2, stage1_here)
+    assert from_stage1 == merge_key("merge", task, stage2, stage1_there)
+    assert len({slerp, from_stage1, merge_key("merge", task, stage2, backbone)}) == 3
+
+
 def test_an_edited_first_stage_file_changes_the_reranked_evaluations_key(tmp_path):
     """eval.first_stage is read by name, like conf/task_prompts.json: its contents are in the key of
     the evaluation that reranks it (the embedders' evaluations do not read it), so an edited file
