@@ -66,8 +66,6 @@ def plot_ablation_seeds(sweeps: list[dict[str, dict]], path: Path, title: str = 
     """Bars: each setting's mean over the sweeps per task and of `mean`; error bars: the sample std;
     dots: the individual sweeps (seeds). `sweeps` as tasks/report.py load_sweep gives them, with the
     same settings (report_ablation_seeds checks). Written atomically (a temporary file, then rename)."""
-    import statistics
-
     import matplotlib
 
     matplotlib.use("Agg")
