@@ -8,7 +8,8 @@ PRESET ?= smol
 ARGS ?=
 # test processes (pytest-xdist): most of the suite's time is spent waiting on services (a Prefect
 # server, a Ray instance, a killed run's resume), so two workers overlap those waits; each test file
-# stays in one worker (--dist loadfile), so a module's expensive fixture runs once. TEST_WORKERS=0: one process
+# stays in one worker (--dist loadfile), so a module's expensive fixture runs once; modules go out in the
+# order tests/conftest.py gives them (fast first, then the costliest: --no-loadscope-reorder). TEST_WORKERS=0: one process
 TEST_WORKERS ?= 2
 
 .PHONY: venv run test bench clean
@@ -33,7 +34,7 @@ run: venv
 	$(BIN)/q3e run --preset $(PRESET) $(ARGS)
 
 test: venv
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 $(ARGS)
 
 bench: venv
 	$(BIN)/python -m bench all

@@ -90,11 +90,19 @@ def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def task_threads(cpus: float) -> int:
+    """torch threads of a task that holds `cpus` CPUs: one per CPU, at most the OMP_NUM_THREADS of
+    the driver's environment where it is set (a machine shared with other jobs, parallel tests)."""
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    n = max(1, int(cpus))
+    return min(n, int(cap)) if cap.isdigit() and int(cap) > 0 else n
+
+
 def _threaded(fn: Callable, num_threads: int) -> Callable:
     def call(*args, **kwargs):
         import torch
 
-        # Ray sets OMP_NUM_THREADS from the task's CPUs; make torch use exactly that many.
+        # Ray sets OMP_NUM_THREADS in the worker from the task's CPUs; torch uses what the driver decided.
         torch.set_num_threads(max(1, num_threads))
         t0 = time.perf_counter()
         result = fn(*args, **kwargs)
@@ -110,7 +118,7 @@ def run_remote(fn: Callable, *args, num_cpus: float | None = None, num_gpus: flo
     import ray
 
     cpus = num_cpus if num_cpus is not None else cluster_cpus()
-    remote = ray.remote(num_cpus=cpus, num_gpus=num_gpus, max_retries=max_retries)(_threaded(fn, int(cpus)))
+    remote = ray.remote(num_cpus=cpus, num_gpus=num_gpus, max_retries=max_retries)(_threaded(fn, task_threads(cpus)))
     return ray.get(remote.remote(*args, **kwargs))
 
 

@@ -2,8 +2,9 @@
 real models (the `micro` preset: a randomly initialised 2-layer Qwen3), never a hub.
 
 Tiers: tests marked `slow` (the end-to-end flows, the benchmark smoke run, tests that start
-interpreters or whole services) run after all the others, so a broken unit shows in the first
-minutes; `-m "not slow"` leaves them out. Helpers that are not fixtures live in modules named for
+interpreters or whole services) run after the modules of fast tests only, so a broken unit shows in
+the first minutes, and the costliest of their modules first, so two test processes finish together
+(`pytest_collection_modifyitems`); `-m "not slow"` leaves them out. Helpers that are not fixtures live in modules named for
 what they hold: fakes.py (scripted LLMs), configs.py (the micro configurations).
 """
 
@@ -21,6 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# Test processes side by side (pytest-xdist) share the cores: each gets its share of torch threads,
+# not one per core. On 2 cores two processes of two OpenMP threads each wait on each other's
+# threads (test_train.py: 67 s against 49 s with one thread while the other core is busy). Set
+# before torch is imported; subprocesses and the Ray workers a test starts inherit it.
+if "OMP_NUM_THREADS" not in os.environ and (workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
 
 import dvc  # noqa: E402,F401  DVC binds its console log handlers to sys.stdout on import: before a capsys swaps it
 
@@ -30,10 +37,32 @@ SHARED_DATA = Path(os.environ.get("Q3E_SHARED_DATA", ROOT.parent / "shared" / "d
 _MLFLOW_URI_MODULE = "mlflow.tracking._tracking_service.utils"
 
 
+# Seconds each of the costliest modules takes in `make test` on the 2-core machine (pytest's
+# durations at commit 3d969ed + this change, 2026-12-01). They only order the modules that hold slow
+# tests: the costliest goes first, so the last ones to run are short and both test processes finish
+# at about the same time (with `--dist loadfile` a module runs whole in one process, and the Makefile
+# keeps this order: --no-loadscope-reorder). A stale figure costs a little balance, never a result.
+MODULE_SECONDS = {
+    "test_kill_and_resume.py": 95, "test_ablate.py": 86, "test_synthesize.py": 74, "test_process_hygiene.py": 74,
+    "test_pipeline.py": 71, "test_ray_train.py": 66, "test_synth_ray_data.py": 61, "test_filter.py": 55,
+    "test_train.py": 40, "test_ray_worker_faults.py": 35, "test_endpoints_down.py": 35, "test_structured.py": 34,
+    "test_retrain.py": 26, "test_bench.py": 25, "test_resource_limits.py": 18, "test_security.py": 17,
+}
+
+
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering (it groups items by fixture scope)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Fast tests first, `slow` ones last; otherwise the collection order (a stable sort)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+    """Modules of fast tests only first; then the modules that hold `slow` tests, the costliest first
+    (MODULE_SECONDS), each with its fast tests before its slow ones; otherwise the collection order
+    (a stable sort)."""
+    slow = {item: item.get_closest_marker("slow") is not None for item in items}
+    slow_modules = {item.path for item in items if slow[item]}
+
+    def key(item: pytest.Item) -> tuple[bool, int, bool]:
+        in_slow_module = item.path in slow_modules
+        return in_slow_module, -MODULE_SECONDS.get(item.path.name, 0) if in_slow_module else 0, slow[item]
+
+    items.sort(key=key)
 
 
 @pytest.fixture(autouse=True)

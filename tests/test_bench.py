@@ -7,17 +7,14 @@ are not judged: a run this small measures nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # benchmark -> its options, at the smallest sizes (a flag is True)
 RUNS = {
@@ -38,18 +35,19 @@ def close(reported: float, exact: float, decimals: int, rel: float = 0.0) -> boo
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, tuple[dict, str]]:
-    """benchmark -> (its JSON record, what it printed)."""
+    """benchmark -> (its JSON record, what it printed), each run as `python -m bench NAME ...` runs
+    it (`bench.__main__.main`), in this process: four more interpreters would each import torch
+    again. The fresh processes a benchmark starts itself (peak memory) are still fresh processes."""
+    from bench.__main__ import main
+
     out = tmp_path_factory.mktemp("bench")
-    # One torch thread: on a shared 2-core machine a second OpenMP thread that loses its core makes
-    # tiny ops ~50x slower (real runs keep torch's default).
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = {}
     for name, options in RUNS.items():
         args = [a for k, v in options.items() for a in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
-        proc = subprocess.run([sys.executable, "-m", "bench", name, "--out", str(out), *args], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
-        done[name] = (json.loads((out / f"{name}.json").read_text()), proc.stdout)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert main([name, "--out", str(out), *args]) == 0
+        done[name] = (json.loads((out / f"{name}.json").read_text()), printed.getvalue())
     return done
 
 

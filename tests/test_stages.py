@@ -13,7 +13,7 @@ import pytest
 
 from tasks import stages
 from tasks.config import load_config
-from tasks.distributed import Placement, place_actors
+from tasks.distributed import Placement, place_actors, task_threads
 from tasks.stages import stage_dir, stage_key, train_resources
 
 DATA = "50ba92085f0651a5aaa6eed1845bb4cf.dir"  # a data version, as data.dvc records it
@@ -177,6 +177,19 @@ def test_ray_train_stages_run_in_the_driver_others_in_a_ray_task():
     distributed = cfg.distributed.model_copy(update={"engine": "ray_train"})
     ray_train = cfg.model_copy(update={"distributed": distributed})
     assert train_resources(ray_train) is None
+
+
+@pytest.mark.parametrize("omp, cpus, threads", [
+    (None, 2.0, 2), (None, 0.5, 1),     # one torch thread per CPU the task holds, at least one
+    ("1", 2.0, 1), ("4", 2.0, 2),       # OMP_NUM_THREADS of the driver caps it, never raises it
+    ("", 2.0, 2), ("x", 2.0, 2),        # set but not a count: no cap
+])
+def test_a_stage_task_gets_a_thread_per_cpu_up_to_the_drivers_omp_num_threads(monkeypatch, omp, cpus, threads):
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    assert task_threads(cpus) == threads
 
 
 # ----------------------------------------------------------------------------- actor placement (the flow's)

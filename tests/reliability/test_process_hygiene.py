@@ -1,5 +1,6 @@
 """What a run leaves on the machine, checked on the process table and the socket table: a
-SIGKILLed driver takes its Prefect server and Ray processes with it (tasks/reaper.py), the
+SIGKILLed driver takes its children with it (tasks/reaper.py; a whole `q3e run` killed in stage 2,
+its Prefect server and Ray included: tests/reliability/test_kill_and_resume.py), the
 embedded Ray listens on the loopback address only, and every failure a user meets on the command
 line is one `error:` line (the traceback only with --debug / Q3E_DEBUG=1)."""
 
@@ -18,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from tasks import reaper
+from tests.processes import LINUX, session_processes, wait_session_empty
 
 ROOT = Path(__file__).resolve().parents[2]
 Q3E = [sys.executable, "-m", "flows.cli"]
-LINUX = sys.platform.startswith("linux") and os.path.isdir("/proc")
 
 
 def _env(**extra) -> dict:
@@ -31,28 +32,6 @@ def _env(**extra) -> dict:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
-
-
-def _session(sid: int) -> dict[int, str]:
-    """pid -> command line of every process of session `sid` (the driver started its own)."""
-    out = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{name}/stat").read_text()
-            if int(raw[raw.rindex(")") + 2:].split()[3]) == sid:
-                out[int(name)] = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode()  # whole: paths vary
-        except (OSError, ValueError):
-            continue
-    return out
-
-
-def _wait_empty(sid: int, timeout: float = 30.0) -> dict[int, str]:
-    deadline = time.monotonic() + timeout
-    while (left := _session(sid)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
 
 
 def _loopback(ip: str) -> bool:
@@ -88,14 +67,14 @@ def test_the_children_of_a_sigkilled_process_are_stopped(tmp_path):
                               env=_env(), start_new_session=True)
     assert driver.stdout.readline().strip() == "ready"
     deadline = time.monotonic() + 10
-    while len(_session(driver.pid)) < 4 and time.monotonic() < deadline:  # python, sh, sleep, sleep
+    while len(session_processes(driver.pid)) < 4 and time.monotonic() < deadline:  # python, sh, sleep, sleep
         time.sleep(0.1)
-    before = _session(driver.pid)
+    before = session_processes(driver.pid)
     assert sum("sleep 300" in c for c in before.values()) >= 2, before
     time.sleep(2 * reaper.POLL_S + 0.2)  # the watchdog has seen them
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
-    assert _wait_empty(driver.pid, timeout=15) == {}
+    assert wait_session_empty(driver.pid, timeout=15) == {}
 
     # the same without the watchdog: the orphans stay (the check can fail)
     driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
@@ -105,7 +84,7 @@ def test_the_children_of_a_sigkilled_process_are_stopped(tmp_path):
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     time.sleep(2)
-    left = _session(driver.pid)
+    left = session_processes(driver.pid)
     try:
         assert sum("sleep 300" in c for c in left.values()) >= 2, left
     finally:
@@ -125,38 +104,6 @@ def test_a_reused_pid_is_never_signalled():
 
 
 # ----------------------------------------------------------------------------- the whole stack
-
-@pytest.mark.slow
-@pytest.mark.skipif(not LINUX, reason="reads /proc")
-def test_a_sigkilled_run_leaves_no_prefect_server_or_ray_process(shared_data, tmp_path, llm_url):
-    """`q3e run` SIGKILLed in stage 2 (Prefect's temporary server, the local Ray instance and a Ray
-    worker up): nothing of its session is left, and no checkpoint is written afterwards."""
-    from dvc.repo import Repo
-
-    from tests.configs import pipeline_overrides
-
-    project = tmp_path / "project"
-    project.mkdir()
-    Repo.init(str(project), no_scm=True)
-    cmd = [*Q3E, "run", "--preset", "micro", "--project", str(project),
-           *pipeline_overrides(shared_data, llm_url, "stage2.steps=400", "stage2.checkpoint_every=2")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    ckpts = lambda: sorted(project.glob("runs/artifacts/stage2/*/checkpoints/step-*"))
-    deadline = time.monotonic() + 600
-    while not any((c / "state.json").is_file() for c in ckpts()):
-        assert proc.poll() is None and time.monotonic() < deadline, "stage 2 did not start"
-        time.sleep(0.1)
-    running = _session(proc.pid)
-    assert any("uvicorn" in c and "prefect" in c for c in running.values()), running  # the stack is up
-    assert any("raylet" in c for c in running.values()) and any("ray::" in c for c in running.values()), running
-    os.kill(proc.pid, signal.SIGKILL)  # the driver only, as `kill -9 <pid>` does
-    proc.wait()
-    assert _wait_empty(proc.pid, timeout=30) == {}
-    written = ckpts()
-    time.sleep(3)
-    assert ckpts() == written  # nothing trains on after the driver is gone
-
 
 @pytest.mark.slow
 @pytest.mark.skipif(not LINUX, reason="reads /proc/net")
