@@ -1,7 +1,8 @@
 """Synthesis passages from hub corpora (`synth.passages` entries `{hub: ...}`, tasks/synthesis/plan.py):
 streamed by datasets, their offline stand-ins through the same code, errors that name the entry; and
 the qwen3 presets' synthesis at the paper's breadth (four kinds, many languages, cross-lingual
-queries) and MRL settings, planned on the stand-ins. Nothing here reaches a hub or an LLM."""
+queries) and MRL settings, planned on the stand-ins; persona retrieval in bounded chunks, with the
+results of one pass. Nothing here reaches a hub or an LLM."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from collections import Counter
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 
 from tasks.config import HubPassages, load_config
 from tasks.data import DataError
-from tasks.synthesis.plan import load_passages, make_plan, read_hub_passages
+from tasks.synthesis.plan import load_passages, make_plan, read_hub_passages, retrieve_personas, top_k_stable
 from tasks.synthesis.run import synth_manifest
 
 WIKI_ROWS = [  # wikimedia/wikipedia's layout (id, url, title, text); a stand-in may add `lang`
@@ -163,3 +165,31 @@ def test_a_qwen3_synthesis_plan_on_the_stand_ins_has_every_kind_and_many_languag
     assert all(p.passage.id.startswith("xquad-th-") for p in plans if p.passage.source.endswith(".th"))
     # the manifest is a function of the settings: the same plan twice
     assert synth_manifest(cfg, tmp_path)[1] == manifest
+
+
+# ----------------------------------------------------------------------------- persona retrieval at scale
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_k_by_partition_is_the_stable_sorts_top_k_ties_included(seed):
+    rng = np.random.default_rng(seed)
+    sims = rng.integers(0, 5, size=(50, 40)).astype(np.float32)  # few distinct values: ties everywhere
+    for k in (1, 3, 7, 40):
+        assert (top_k_stable(sims, k) == np.argsort(-sims, axis=1, kind="stable")[:, :k]).all(), k
+
+
+class _HashEncoder:
+    """A deterministic stand-in for the persona retriever: unit vectors from each text's hash."""
+
+    def encode(self, texts, batch_size=32):
+        rows = [np.random.default_rng(abs(hash(t)) % 2**32).normal(size=8) for t in texts]
+        return np.stack([r / np.linalg.norm(r) for r in rows]).astype(np.float32)
+
+
+def test_persona_retrieval_in_chunks_equals_all_at_once(tmp_path):
+    personas = [f"persona {i}" for i in range(30)]
+    texts = [f"passage {i}" for i in range(23)]
+    enc = _HashEncoder()
+    whole = retrieve_personas(texts, personas, enc, top_k=5, cache=tmp_path / "p.npy", chunk=len(texts))
+    assert retrieve_personas(texts, personas, enc, top_k=5, cache=tmp_path / "p.npy", chunk=4) == whole
+    pmat, qmat = enc.encode(personas), enc.encode(texts)
+    assert whole == [[personas[j] for j in np.argsort(-row, kind="stable")[:5]] for row in qmat @ pmat.T]

@@ -213,10 +213,26 @@ def load_personas(path: str | Path) -> list[str]:
     return out
 
 
+def top_k_stable(sims: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of each row's k largest values, largest first, ties by the lower index: the
+    first k of a stable argsort of -row, in O(columns) per row (argpartition) instead of a sort."""
+    k = min(k, sims.shape[1])
+    if k == sims.shape[1]:
+        return np.argsort(-sims, axis=1, kind="stable")
+    kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1:k]  # each row's k-th largest value
+    out = np.empty((sims.shape[0], k), dtype=np.int64)
+    for i, row in enumerate(sims):
+        cand = np.flatnonzero(row >= kth[i])  # every value tied with the k-th one is a candidate
+        out[i] = cand[np.argsort(-row[cand], kind="stable")[:k]]
+    return out
+
+
 def retrieve_personas(texts: Sequence[str], personas: Sequence[str], encoder, *, top_k: int,
-                      cache: Path | None = None) -> list[list[str]]:
+                      cache: Path | None = None, chunk: int = 4096) -> list[list[str]]:
     """The top-k personas of each text by cosine (ties: earlier persona first). The persona
-    matrix is cached in `cache` (.npy), since it is the same for every run."""
+    matrix is cached in `cache` (.npy), since it is the same for every run. Texts are encoded and
+    scored `chunk` at a time, so memory holds chunk x personas scores, never texts x personas
+    (800k retrieval passages against 5k personas would be 16 GB at once)."""
     if cache is not None and cache.is_file():
         pmat = np.load(cache)
     else:
@@ -228,10 +244,11 @@ def retrieve_personas(texts: Sequence[str], personas: Sequence[str], encoder, *,
             os.replace(tmp, cache)
     if pmat.shape[0] != len(personas):
         raise ValueError(f"{cache}: cached persona embeddings do not match the persona file")
-    qmat = encoder.encode(list(texts), batch_size=32)
-    sims = qmat @ pmat.T
-    k = min(top_k, len(personas))
-    return [[personas[j] for j in np.argsort(-row, kind="stable")[:k]] for row in sims]
+    out: list[list[str]] = []
+    for start in range(0, len(texts), chunk):
+        qmat = encoder.encode(list(texts[start:start + chunk]), batch_size=32)
+        out += [[personas[j] for j in row] for row in top_k_stable(qmat @ pmat.T, top_k)]
+    return out
 
 
 @dataclass
