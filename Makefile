@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRESET ?= smol
 ARGS ?=
-# test processes (pytest-xdist): most of the suite's time is spent waiting on services (a Prefect
-# server, a Ray instance, a killed run's resume), so two workers overlap those waits; each test file
-# stays in one worker (--dist loadfile), so a module's expensive fixture runs once; modules go out in the
-# order tests/conftest.py gives them (fast first, then the costliest: --no-loadscope-reorder). TEST_WORKERS=0: one process
+# test processes (pytest-xdist): the suite is CPU-bound (tiny models training, Ray and Prefect
+# starting), so one worker per core of this 2-core machine; tests/conftest.py gives each worker's
+# torch an equal share of the cores. Each test file stays in one worker (--dist loadfile), so a
+# module's expensive fixture runs once; modules go out in the order tests/conftest.py gives them
+# (fast first, then the costliest: --no-loadscope-reorder). TEST_WORKERS=0: one process
 TEST_WORKERS ?= 2
 
 .PHONY: venv run test bench clean

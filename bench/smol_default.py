@@ -107,7 +107,10 @@ def rerank_score(reranker_dir: Path, embedder_dir: Path, sets: dict, top_k: int)
     torch.set_grad_enabled(False)
     emb, rr, out = Embedder.load(str(embedder_dir)), Reranker.load(str(reranker_dir)), {}
     for name, (queries, corpus, rel, instruction) in sets.items():
-        sim = emb.encode(queries, instruction=instruction, is_query=True) @ emb.encode(corpus).T
+        # STS-B symmetric, as the pipeline's evaluation ranks it (eval.symmetric)
+        docs = (emb.encode(corpus, instruction=instruction, is_query=True) if name == "stsb-en-dev"
+                else emb.encode(corpus))
+        sim = emb.encode(queries, instruction=instruction, is_query=True) @ docs.T
         top = np.argsort(-sim, axis=1)[:, :top_k]
         scores = rr.score([queries[i] for i in range(len(queries)) for _ in range(top_k)],
                           [corpus[j] for row in top for j in row], instruction=instruction).reshape(len(queries), top_k)
@@ -131,6 +134,8 @@ def main(argv=None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("overrides", nargs="*", help="config overrides, key.sub=value (as for q3e)")
     p.add_argument("--preset", default="smol")
+    p.add_argument("--config", action="append", type=Path, default=[],
+                   help="YAML file(s) merged over the preset, before the overrides (e.g. a reranker.data list)")
     p.add_argument("--stage", default="stage2", choices=["stage1", "stage2", "reranker"])
     p.add_argument("--first-stage", default=None, help="reranker: the embedding model whose top-k it reranks")
     p.add_argument("--top-k", type=int, default=10, help="reranker: documents reranked per query")
@@ -146,7 +151,7 @@ def main(argv=None) -> dict:
     from tasks.config import DataSource, load_config
     from tasks.training import train
 
-    cfg = load_config(args.preset, args.overrides)
+    cfg = load_config(args.preset, args.overrides, files=args.config)
     q, c, r = stsb_dev(args.data / "sts-en" / "stsbenchmark-train-dev.tsv")
     sets = {"stsb-en-dev": (q, c, [{i} for i in r], STS_INSTRUCTION),
             "nq-msmarco-hardneg": (*beir(args.data / "beir" / "nq-msmarco-hardneg"), NQ_INSTRUCTION)}

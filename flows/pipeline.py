@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,6 +39,38 @@ from tasks.stages import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class _PopenInItsOwnSession(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "start_new_session": True})
+
+
+class _SubprocessInItsOwnSession(types.ModuleType):
+    """The `subprocess` module as Prefect's server module sees it, with Popen starting a new session."""
+
+    Popen = _PopenInItsOwnSession
+
+    def __getattr__(self, name: str):
+        return getattr(subprocess, name)
+
+
+def keep_the_temporary_prefect_server_through_ctrl_c() -> None:
+    """Ctrl-C in a terminal signals its whole foreground process group. Prefect's temporary API
+    server (uvicorn, a child of this driver) stopped at once, and the flow's report of the
+    interrupt then retried against the closed port for a minute and ended in "Connection refused"
+    instead of the resume hint. Started in its own session the server stays up until the driver
+    stops it (Prefect's atexit hook); if the driver dies, the watchdog (tasks/reaper.py) still
+    stops it: it follows parent pids, not process groups. Nothing to do with a configured server."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.server.api import server
+
+    if not isinstance(server.subprocess, _SubprocessInItsOwnSession):
+        server.subprocess = _SubprocessInItsOwnSession("subprocess")
+
+
+keep_the_temporary_prefect_server_through_ctrl_c()
 
 
 @dataclass

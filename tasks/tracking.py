@@ -37,6 +37,29 @@ def tracking_uri(run_dir: Path, configured: str | None = None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
 
 
+def check_reachable(run_dir: Path, configured_uri: str | None = None, timeout: float = 10.0) -> None:
+    """Fail fast, before Prefect and Ray start, when the tracking store is an HTTP server that does
+    not answer: one GET of its `/health` (every MLflow server has it). Any HTTP answer counts as
+    reachable (a proxy that wants credentials says so later, in `setup`); a refused connection, an
+    unknown host or a timeout raise `TrackingError` naming the URI. Local stores are not checked here."""
+    import urllib.error
+    import urllib.request
+
+    uri = tracking_uri(run_dir, configured_uri)
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingError(
+            f"MLflow tracking store {uri} is not usable (no answer from {uri.rstrip('/')}/health: {reason})\n"
+            f"Start it, point infra.mlflow_tracking_uri / MLFLOW_TRACKING_URI elsewhere, or unset both to "
+            f"log to {run_dir / 'mlflow.db'}.") from None
+
+
 def setup(run_dir: Path, experiment: str, configured_uri: str | None = None) -> str:
     """Point MLflow at the store and return the experiment id (created with an absolute
     artifact location when the store is local)."""

@@ -155,6 +155,23 @@ def test_an_unexpected_failure_is_one_line_and_its_traceback_goes_to_a_file(caps
     assert os.environ["Q3E_DEBUG"] == "1"
 
 
+def test_ctrl_c_is_exit_130_with_the_resume_hint(capsys, monkeypatch):
+    """typer turns a KeyboardInterrupt inside a command into exit 130; `main` says what to do next."""
+    import typer
+
+    import flows.cli.common as common
+
+    interrupted = typer.Typer()
+
+    @interrupted.command()
+    def run() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "app", interrupted)
+    assert main([]) == 130
+    assert capsys.readouterr().err.strip() == "error: interrupted; rerun the same command to resume where it stopped"
+
+
 def test_one_line_keeps_the_projects_messages_and_names_other_exceptions():
     assert one_line(ConfigError("invalid configuration (from base.yaml):\n  stage2.lr: unknown key")) == \
         "invalid configuration (from base.yaml): stage2.lr: unknown key"

@@ -120,6 +120,17 @@ def catalog_ready(cfg) -> None:
         raise fail(e) from None
 
 
+def tracking_ready(cfg, project: Path) -> None:
+    """A configured MLflow server answers: one that is down is one error line before Prefect and
+    Ray start (seconds), not after them."""
+    from tasks.tracking import TrackingError, check_reachable
+
+    try:
+        check_reachable(project / cfg.run_dir, cfg.infra.mlflow_tracking_uri)
+    except TrackingError as e:
+        raise fail(TrackingError(one_line(e))) from None
+
+
 def fail(e: Exception) -> typer.Exit:
     """Print `e` as one error line; the exit (code 1) to raise: `raise fail(e) from None`."""
     typer.secho(f"error: {e}", fg="red", err=True)
@@ -133,6 +144,10 @@ def one_line(e: BaseException) -> str:
     return text if type(e).__module__.startswith(("tasks.", "flows.")) else f"{type(e).__name__}: {text}"
 
 
+def _interrupted() -> None:
+    typer.secho("error: interrupted; rerun the same command to resume where it stopped", fg="red", err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `q3e` console entry: runs a command; a failure is one `error:` line on stderr (exit 1)
     and its traceback is written to a file the line names, or printed with --debug / Q3E_DEBUG=1."""
@@ -143,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=args, prog_name="q3e")
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into exit code 130
+            _interrupted()
+        return code
     except KeyboardInterrupt:
-        typer.secho("error: interrupted; rerun the same command to resume where it stopped", fg="red", err=True)
+        _interrupted()
         return 130
     except Exception as e:  # noqa: BLE001 - every failure ends as one line
         if debugging():

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from flows.cli.common import (ConfigOpt, OverridesArg, PresetOpt, app, base_default, catalog_ready, fail,
-                              resolve_config, setup_logging)
+                              resolve_config, setup_logging, tracking_ready)
 
 
 def _print_summary(summary: dict) -> None:
@@ -62,7 +62,9 @@ def run_cmd(
 
     Stages whose inputs did not change are reused; a failed run resumes at the stage that failed."""
     setup_logging()
-    catalog_ready(resolve_config(preset, overrides, files, ablation))  # validate before starting any service
+    cfg = resolve_config(preset, overrides, files, ablation)
+    catalog_ready(cfg)  # validate before starting any service
+    tracking_ready(cfg, project)
     from flows.pipeline import pipeline
 
     summary = pipeline(preset=preset, overrides=list(overrides or []), ablation=ablation,
@@ -81,7 +83,7 @@ def ablate_cmd(
     ablations) under one MLflow parent run and print the Table-5-shaped comparison with each setting's
     difference to `full`. Each setting is conf/ablations/<name>.yaml; add your own there."""
     setup_logging()
-    resolve_config(preset, overrides, files)
+    tracking_ready(resolve_config(preset, overrides, files), project)
     from flows.ablate import ablate
 
     res = ablate(preset=preset, only=list(only or []) or None, overrides=list(overrides or []),
@@ -124,7 +126,7 @@ def retrain_cmd(
     """Retrain on the newest data version and promote the new model (registry alias `champion`) only if
     it is not worse than the current champion on the configured metric (retrain.*)."""
     setup_logging()
-    resolve_config(preset, overrides, files)
+    tracking_ready(resolve_config(preset, overrides, files), project)
     from flows.retrain import retrain
 
     res = retrain(preset=preset, overrides=list(overrides or []), config_files=[str(f) for f in files or []],

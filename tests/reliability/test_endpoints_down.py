@@ -82,6 +82,35 @@ def test_tracking_server_down_at_start_fails_in_seconds_naming_it(tmp_path, monk
     assert (run_dir / "artifacts" / "stage2" / "done.json").is_file()
 
 
+def test_the_preflight_fails_at_once_on_no_server_and_passes_any_http_answer(tmp_path, monkeypatch):
+    """`q3e run` checks a configured server before Prefect and Ray start: a refused connection is an
+    error naming the URI without MLflow's retries; a server that answers, even 401, is reachable."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(tracking.TrackingError) as e:
+        tracking.check_reachable(tmp_path / "runs", uri)
+    assert time.monotonic() - t0 < 5
+    assert str(e.value).startswith(f"MLflow tracking store {uri} is not usable (no answer from {uri}/health: ")
+    assert "refused" in str(e.value) and f"log to {tmp_path / 'runs' / 'mlflow.db'}" in str(e.value)
+
+    class Unauthorized(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Unauthorized)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        tracking.check_reachable(tmp_path / "runs", f"http://127.0.0.1:{httpd.server_port}/")
+    finally:
+        httpd.shutdown()
+    tracking.check_reachable(tmp_path / "runs", None)  # the embedded SQLite store: nothing to reach
+
+
 def test_tracking_server_lost_mid_run_keeps_the_stage_and_a_rerun_logs_it(micro_cfg, tmp_path, monkeypatch, request):
     import mlflow
 
@@ -93,6 +122,7 @@ def test_tracking_server_lost_mid_run_keeps_the_stage_and_a_rerun_logs_it(micro_
     request.addfinalizer(server.kill)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     run_dir = tmp_path / "runs"
+    tracking.check_reachable(run_dir, server.url)  # the preflight of `q3e run` passes a live server
     experiment = tracking.setup(run_dir, "qwen3-embedding", server.url)
     parent = mlflow.MlflowClient().create_run(experiment, run_name="micro-full").info.run_id
     ctx = Context(micro_cfg, tmp_path, run_dir / "artifacts", tmp_path / "datasets", experiment, parent, "md5")

@@ -106,6 +106,31 @@ def test_a_reused_pid_is_never_signalled():
 # ----------------------------------------------------------------------------- the whole stack
 
 @pytest.mark.slow
+def test_the_temporary_prefect_server_is_out_of_reach_of_a_terminals_ctrl_c(monkeypatch):
+    """Ctrl-C signals the terminal's whole process group: Prefect's temporary server runs in a
+    session of its own, so it is still up when the interrupted flow reports its crash to it (it
+    used to die first, and `q3e run` then retried a closed port for a minute), and it is still a
+    child of the driver, which the watchdog follows."""
+    import socket
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    import flows.pipeline  # noqa: F401  (imports the change)
+    from prefect.server.api.server import SubprocessASGIServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = SubprocessASGIServer(port=port)
+    server.start()
+    try:
+        pid = server.server_process.pid
+        assert os.getsid(pid) == pid != os.getsid(0)  # a session (and process group) of its own
+        assert pid in reaper.descendants({os.getpid()})
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not LINUX, reason="reads /proc/net")
 def test_the_embedded_ray_listens_on_the_loopback_address_only(tmp_path):
     """The socket table of a local Ray instance started the way the pipeline starts it, with a
