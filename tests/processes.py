@@ -1,5 +1,7 @@
 """The process table, read from /proc: which processes a session (a driver started with
-`start_new_session=True`) still has, for the tests that SIGKILL a driver and check what it left."""
+`start_new_session=True`) still has, for the tests that SIGKILL a driver and check what it left.
+Prefect's temporary server runs in a session of its own (flows/pipeline.py: out of reach of a
+terminal's Ctrl-C), so a run's processes are its session's and their descendants (`process_tree`)."""
 
 from __future__ import annotations
 
@@ -30,5 +32,43 @@ def wait_session_empty(sid: int, timeout: float = 30.0) -> dict[int, str]:
     """What is left of session `sid` once it is empty or `timeout` seconds have passed."""
     deadline = time.monotonic() + timeout
     while (left := session_processes(sid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def _cmdline(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return None
+
+
+def process_tree(sid: int) -> dict[int, str]:
+    """pid -> command line of every process of session `sid` and of their descendants in other
+    sessions."""
+    out = session_processes(sid)
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{name}/stat").read_text()
+            children.setdefault(int(raw[raw.rindex(")") + 2:].split()[1]), []).append(int(name))
+        except (OSError, ValueError):
+            continue
+    todo = list(out)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out and (cmd := _cmdline(child)) is not None:
+                out[child] = cmd
+                todo.append(child)
+    return out
+
+
+def wait_gone(processes: dict[int, str], timeout: float = 30.0) -> dict[int, str]:
+    """Those of `processes` (pid -> command line, as `process_tree` gives them) still running once
+    none is or `timeout` seconds have passed; a pid now running another command counts as gone."""
+    deadline = time.monotonic() + timeout
+    while (left := {p: c for p, c in processes.items() if _cmdline(p) == c}) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
