@@ -52,7 +52,7 @@ def check_reachable(run_dir: Path, configured_uri: str | None = None, timeout: f
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
     except urllib.error.HTTPError:
         return
-    except (urllib.error.URLError, OSError) as e:
+    except OSError as e:  # URLError (refused, unknown host) or a timeout
         reason = getattr(e, "reason", e)
         raise TrackingError(
             f"MLflow tracking store {uri} is not usable (no answer from {uri.rstrip('/')}/health: {reason})\n"

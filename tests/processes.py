@@ -45,23 +45,13 @@ def _cmdline(pid: int) -> str | None:
 
 def process_tree(sid: int) -> dict[int, str]:
     """pid -> command line of every process of session `sid` and of their descendants in other
-    sessions."""
+    sessions (the watchdog's own walk of the process table, tasks/reaper.py)."""
+    from tasks import reaper
+
     out = session_processes(sid)
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{name}/stat").read_text()
-            children.setdefault(int(raw[raw.rindex(")") + 2:].split()[1]), []).append(int(name))
-        except (OSError, ValueError):
-            continue
-    todo = list(out)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in out and (cmd := _cmdline(child)) is not None:
-                out[child] = cmd
-                todo.append(child)
+    for pid in reaper.descendants(set(out)):
+        if pid not in out and (cmd := _cmdline(pid)) is not None:
+            out[pid] = cmd
     return out
 
 

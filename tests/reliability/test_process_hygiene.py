@@ -114,8 +114,11 @@ def test_the_temporary_prefect_server_is_out_of_reach_of_a_terminals_ctrl_c(monk
     import socket
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    import flows.pipeline  # noqa: F401  (imports the change)
     from prefect.server.api.server import SubprocessASGIServer
+
+    from flows.pipeline import keep_the_temporary_prefect_server_through_ctrl_c
+
+    keep_the_temporary_prefect_server_through_ctrl_c()  # at import too, unless a server was configured then
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
