@@ -158,7 +158,7 @@ def test_a_config_built_in_code_takes_its_defaults_from_base_yaml(tmp_path, monk
 @pytest.mark.parametrize("preset", ["micro", "smol"])
 def test_every_ablation_setting_loads_and_changes_only_its_overlays_keys(preset):
     """Each setting of `ablations.settings` is conf/ablations/<name>.yaml on top of the preset: it
-    loads, changes the resolved config, and changes nothing its overlay does not name (tests/test_ablate.py
+    loads, changes the resolved config, and changes nothing its overlay does not name (tests/test_pipeline.py
     runs some of them end to end, tests/test_losses.py checks each loss switch against the reference)."""
     from tasks.config import load_config
     from tasks.config.base import flatten
