@@ -102,7 +102,7 @@ def smol():
     return build_generator(GeneratorConfig())
 
 
-@pytest.mark.slow  # the real SmolLM2 decoding under a grammar: ~40 s on 2 cores with the test below
+@pytest.mark.slow  # the real SmolLM2 decoding under a grammar: ~30 s on 2 cores with the test below
 def test_smollm2_configuration_answers_are_valid_json_within_the_enums(smol, shared_data, personas):
     passages = load_passages([shared_data / EN, shared_data / ZH], limit=2)
     assert [p.language for p in passages] == ["English", "Chinese"]
@@ -110,10 +110,9 @@ def test_smollm2_configuration_answers_are_valid_json_within_the_enums(smol, sha
     prompts = [configuration_prompt(truncate_words(p.text, 48), c, p.language)
                for p, c in zip(passages, candidates)]
     schemas = [configuration_schema(c) for c in candidates]
-    for seed in range(2):
-        outs = smol.generate(prompts, seed=seed, temperature=0.8, max_new_tokens=96, schemas=schemas)
-        for out, schema in zip(outs, schemas):
-            jsonschema.validate(json.loads(out), schema)  # strict JSON: no lenient parsing needed
+    outs = smol.generate(prompts, seed=0, temperature=0.8, max_new_tokens=96, schemas=schemas)
+    for out, schema in zip(outs, schemas):
+        jsonschema.validate(json.loads(out), schema)  # strict JSON: no lenient parsing needed
 
 
 @pytest.mark.slow
