@@ -13,6 +13,13 @@ from pathlib import Path
 LINUX = sys.platform.startswith("linux") and os.path.isdir("/proc")
 
 
+def _cmdline(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return None
+
+
 def session_processes(sid: int) -> dict[int, str]:
     """pid -> command line of every process of session `sid` (the driver started its own)."""
     out = {}
@@ -22,7 +29,8 @@ def session_processes(sid: int) -> dict[int, str]:
         try:
             raw = Path(f"/proc/{name}/stat").read_text()
             if int(raw[raw.rindex(")") + 2:].split()[3]) == sid:
-                out[int(name)] = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode()  # whole: paths vary
+                if (cmd := _cmdline(int(name))) is not None:  # whole: paths vary
+                    out[int(name)] = cmd
         except (OSError, ValueError):
             continue
     return out
@@ -34,13 +42,6 @@ def wait_session_empty(sid: int, timeout: float = 30.0) -> dict[int, str]:
     while (left := session_processes(sid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
-
-
-def _cmdline(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return None
 
 
 def process_tree(sid: int) -> dict[int, str]:
