@@ -167,6 +167,12 @@ def test_generated_text_validation():
             check_text(text, passage, language="English", length=5)
         assert e.value.code == code, text
     assert check_text("埃菲尔铁塔有多高", passage, language="Chinese", length=5)
+    # Chinese has no spaces: a copied clause is one run of the passage's characters
+    zh = "2月12日，日本奥运大臣桥本圣子在内阁会议后的例行记者会上表示，前日本足协主席川渊三郎将接替森喜朗出任东京奥组委主席。"
+    with pytest.raises(Reject) as e:
+        check_text("日本奥运大臣桥本圣子在内阁会议后表示", zh, language="Chinese", length=10)
+    assert e.value.code == "copied_passage"
+    assert check_text("东京奥组委的新主席是谁", zh, language="Chinese", length=10)  # shares 5 characters
 
 
 def test_plans_are_deterministic_and_follow_the_mix(shared_data):

@@ -34,6 +34,10 @@ class GeneratorConfig(Strict):
                           "(enums of the offered personas, question types, difficulties, labels; string "
                           "lengths and scripts): xgrammar for transformers, structured outputs for vllm, "
                           "response_format for openai. It replaces the JSON prefill")
+    context_guidance: float = Field(ge=1, description="transformers backend: context-aware decoding of retrieval queries. Each "
+                                    "token's log-probability is log p(t | prompt) + (g - 1) * (log p(t | prompt) - "
+                                    "log p(t | prompt without its passage)), among the tokens within 10x of the most "
+                                    "likely one: the query leans on what the passage says. 1 = plain sampling")
     json_prefill: bool | None = Field(description="start each answer with the JSON's first key (helps small models keep the format); "
                           "null = on for transformers and vllm when structured is off, off for openai (needs "
                           "a server that continues a final assistant message, e.g. vLLM)")

@@ -291,6 +291,10 @@ def check_config(cfg: SynthConfig) -> None:
         raise ValueError("synth.bitext_languages is empty but synth.kinds asks for bitext pairs")
     if cfg.kinds.get("classification", 0) > 0 and len(cfg.labels) < 2:
         raise ValueError("synth.labels needs at least two labels for classification pairs")
+    if cfg.generator.context_guidance != 1 and cfg.generator.backend != "transformers":
+        raise ValueError(f"synth.generator.context_guidance={cfg.generator.context_guidance} needs the transformers "
+                         f"backend (it runs the model on a second prompt at every step); the "
+                         f"{cfg.generator.backend} backend samples plainly: set it to 1")
     if cfg.generator.structured and cfg.generator.json_prefill:
         raise ValueError("synth.generator.json_prefill and synth.generator.structured are both on: "
                          "structured decoding writes the whole answer, so it replaces the prefill; turn one "

@@ -68,6 +68,8 @@ def content_settings(cfg: SynthConfig) -> dict[str, Any]:
         del d["generator"]["chat_template_kwargs"]
     if not d["generator"]["structured"]:  # the same: folders made before structured decoding were without it
         del d["generator"]["structured"]
+    if d["generator"]["context_guidance"] == 1:  # the same: folders made before the setting existed
+        del d["generator"]["context_guidance"]
     if not d["exclude_relevant"]:  # the same: folders made before the setting existed
         del d["exclude_relevant"]
     return d

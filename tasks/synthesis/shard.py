@@ -39,9 +39,14 @@ def _stages(kind: str) -> list[str]:
             "classification": ["classification"]}[kind]
 
 
-def _prompt(job: _Job, stage: str, cfg: SynthConfig, prefill: bool) -> Messages:
+# Stages whose answer is written *about* the passage: with synth.generator.context_guidance > 1 they
+# are decoded against the same prompt without it (the generator's `unconditional`).
+GUIDED_STAGES = ("query",)
+
+
+def _prompt(job: _Job, stage: str, cfg: SynthConfig, prefill: bool, *, without_passage: bool = False) -> Messages:
     p = job.plan
-    passage = truncate_words(p.passage.text, cfg.max_passage_words)
+    passage = "" if without_passage else truncate_words(p.passage.text, cfg.max_passage_words)
     if stage == "configuration":
         return configuration_prompt(passage, p.personas, p.passage.language, prefill=prefill)
     if stage == "query":
@@ -153,8 +158,13 @@ def synthesize_shard(generator: Generator, plans: Sequence[Plan], cfg: SynthConf
         prompts = [_prompt(j, _stages(j.plan.kind)[j.stage], cfg, prefill) for j in active]
         schemas = ([_schema(j, _stages(j.plan.kind)[j.stage], cfg) for j in active]
                    if gcfg.structured else None)
+        guide = {}
+        if gcfg.context_guidance > 1:
+            guide["unconditional"] = [
+                _prompt(j, stage, cfg, prefill, without_passage=True) if stage in GUIDED_STAGES else None
+                for j, stage in ((j, _stages(j.plan.kind)[j.stage]) for j in active)]
         texts = generator.generate(prompts, seed=_round_seed(cfg.seed, shard, rnd), temperature=gcfg.temperature,
-                                   max_new_tokens=gcfg.max_new_tokens, schemas=schemas)
+                                   max_new_tokens=gcfg.max_new_tokens, schemas=schemas, **guide)
         if len(texts) != len(prompts):
             raise GeneratorError(f"generator {generator.name!r} returned {len(texts)} answers for {len(prompts)} prompts")
         for job, text in zip(active, texts):

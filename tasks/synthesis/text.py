@@ -3,6 +3,7 @@ sentences, truncation), and `check_text`, the validation every generated text pa
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections import Counter
@@ -69,6 +70,18 @@ def norm_text(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
 
+def copied_characters(norm: str, src: str, *, min_run: int = 10, share: float = 0.6) -> bool:
+    """A query in a script written without spaces (Chinese, Japanese, Thai) that is mostly one run
+    of its passage's characters: at least `min_run` characters and `share` of the query's. Words
+    cannot tell there, where a "word" is a whole clause between two punctuation marks."""
+    dense = "".join(re.findall(_DENSE, norm))
+    if len(dense) < min_run:
+        return False
+    a, b = norm.replace(" ", ""), src.replace(" ", "")
+    match = difflib.SequenceMatcher(None, a, b, autojunk=False).find_longest_match(0, len(a), 0, len(b))
+    return match.size >= max(min_run, share * len(a))
+
+
 def longest_common_run(a: Sequence[str], b: Sequence[str]) -> int:
     """Length of the longest run of consecutive words shared by `a` and `b`."""
     best, prev = 0, [0] * (len(b) + 1)
@@ -106,6 +119,8 @@ def check_text(text: Any, source: str, *, language: str, what: str = "query", le
     words = count_words(text)
     run = longest_common_run(norm.split(), src.split())
     if norm == src or (src and src in norm) or run >= max(6, 0.6 * len(norm.split())):
+        raise Reject("copied_passage", text[:60])
+    if what == "query" and copied_characters(norm, src):
         raise Reject("copied_passage", text[:60])
     tri = [tuple(norm.split()[i:i + 3]) for i in range(len(norm.split()) - 2)]
     if len(tri) >= 10 and len(set(tri)) < 0.7 * len(tri):  # a small model looping on itself
