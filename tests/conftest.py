@@ -37,17 +37,16 @@ SHARED_DATA = Path(os.environ.get("Q3E_SHARED_DATA", ROOT.parent / "shared" / "d
 _MLFLOW_URI_MODULE = "mlflow.tracking._tracking_service.utils"
 
 
-# Seconds each of the costliest modules takes in `make test` on the 2-core machine (pytest's
-# durations at 8428daa, 2026-12-01; test_pipeline.py has since taken in the ablation sweeps, which
-# reuse its run). They only order the modules that hold slow tests: the costliest goes first, so the
-# last ones to run are short and both test processes finish at about the same time (with `--dist
-# loadfile` a module runs whole in one process, and the Makefile keeps this order:
-# --no-loadscope-reorder). A stale figure costs a little balance, never a result.
+# Seconds each of the costliest modules takes in `make test` on the 2-core machine (the sums of
+# pytest's --durations=0 at e3ce8b0, 2026-12-01). They only order the modules that hold slow tests:
+# the costliest goes first, so the last ones to run are short and both test processes finish at
+# about the same time (with `--dist loadfile` a module runs whole in one process, and the Makefile
+# keeps this order: --no-loadscope-reorder). A stale figure costs a little balance, never a result.
 MODULE_SECONDS = {
-    "test_pipeline.py": 155, "test_kill_and_resume.py": 118, "test_synthesize.py": 81, "test_filter.py": 67,
-    "test_process_hygiene.py": 65, "test_ray_train.py": 64, "test_synth_ray_data.py": 51,
-    "test_ray_worker_faults.py": 44, "test_train.py": 42, "test_structured.py": 35, "test_endpoints_down.py": 32,
-    "test_bench.py": 20, "test_resource_limits.py": 18, "test_security.py": 18, "test_retrain.py": 17,
+    "test_pipeline.py": 161, "test_kill_and_resume.py": 125, "test_synthesize.py": 83, "test_ray_train.py": 80,
+    "test_synth_ray_data.py": 78, "test_filter.py": 62, "test_process_hygiene.py": 58, "test_train.py": 47,
+    "test_ray_worker_faults.py": 46, "test_endpoints_down.py": 36, "test_retrain.py": 28, "test_structured.py": 23,
+    "test_bench.py": 20, "test_security.py": 17, "test_resource_limits.py": 17,
 }
 
 
