@@ -20,7 +20,7 @@ written for). A backend built with `context_guidance` g > 1 then decodes against
 decoding): each token's log-probability becomes log p(t | prompt) + (g - 1) * (log p(t | prompt) -
 log p(t | unconditional)), among the tokens at least a tenth as likely as the most likely one. A
 small model that would write a generic query for its persona writes one about the passage (SmolLM2:
-median all-MiniLM-L6-v2 cosine of query and passage 0.29 -> 0.51 at g = 2, docs/synthesis.md).
+median all-MiniLM-L6-v2 cosine of English query and passage 0.130 -> 0.517 at g = 2, docs/synthesis.md).
 Three backends:
 
 - `TransformersGenerator`: a local causal LM (default: the bundled SmolLM2-135M-Instruct), chat
@@ -207,10 +207,9 @@ class TransformersGenerator:
     def _tokenize(self, prompts: list[Messages], max_new_tokens: int) -> list[list[int]]:
         """Token ids of each conversation through the chat template (a prefill is continued, not
         closed), cut from the left to leave room for the answer inside the model's context."""
-        texts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=not prefill_of(m),
-                                                    continue_final_message=bool(prefill_of(m)),
-                                                    **self.chat_template_kwargs) if m else ""
-                 for m in prompts]
+        texts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=not p,
+                                                    continue_final_message=bool(p), **self.chat_template_kwargs)
+                 if m else "" for m, p in ((m, prefill_of(m)) for m in prompts)]
         limit = self.max_input_tokens
         context = getattr(self.model.config, "max_position_embeddings", None)
         if context:
