@@ -18,6 +18,12 @@ Examples (each a few minutes on 2 CPU cores):
 
     python bench/smol_default.py --out /tmp/e1 stage2.steps=60 model.num_layers=10
     python bench/smol_default.py --out /tmp/e2 --stage stage1 --synthetic runs/datasets/... stage1.steps=40
+    python bench/smol_default.py --out /tmp/e3 --merge 50,100,150 stage2.checkpoint_every=25 stage2.keep_checkpoints=6
+    python bench/smol_default.py --out /tmp/r1 --stage reranker --no-train --init RERANKER --first-stage EMBEDDER \
+        --depths 10,20,50
+
+A finished training in --out is reused (the trainer resumes and finds it done), so a second
+command with other --merge steps only merges and scores.
 """
 
 from __future__ import annotations
@@ -98,25 +104,31 @@ def score(model_dir: Path, sets: dict, batch_size: int = 32) -> dict[str, float]
     return out
 
 
-def rerank_score(reranker_dir: Path, embedder_dir: Path, sets: dict, top_k: int) -> dict[str, float]:
-    """nDCG@10 of the embedder's ranking and of the reranker's order of its top_k, per set."""
+def rerank_score(reranker_dir: Path, embedder_dir: Path, sets: dict, top_k: int,
+                 depths: list[int] | None = None) -> dict[str, float]:
+    """nDCG@10 of the embedder's ranking and of the reranker's order of its top_k, per set; with
+    `depths`, also of the reranker's order of the top k for each k listed (scored once, at the
+    deepest)."""
     import torch
 
     from tasks.models import Embedder, Reranker
 
     torch.set_grad_enabled(False)
     emb, rr, out = Embedder.load(str(embedder_dir)), Reranker.load(str(reranker_dir)), {}
+    deepest = max([top_k, *(depths or [])])
     for name, (queries, corpus, rel, instruction) in sets.items():
         # STS-B symmetric, as the pipeline's evaluation ranks it (eval.symmetric)
         docs = (emb.encode(corpus, instruction=instruction, is_query=True) if name == "stsb-en-dev"
                 else emb.encode(corpus))
         sim = emb.encode(queries, instruction=instruction, is_query=True) @ docs.T
-        top = np.argsort(-sim, axis=1)[:, :top_k]
-        scores = rr.score([queries[i] for i in range(len(queries)) for _ in range(top_k)],
-                          [corpus[j] for row in top for j in row], instruction=instruction).reshape(len(queries), top_k)
-        order = np.take_along_axis(top, np.argsort(-scores, axis=1), axis=1)
+        top = np.argsort(-sim, axis=1)[:, :deepest]
+        scores = rr.score([queries[i] for i in range(len(queries)) for _ in range(deepest)],
+                          [corpus[j] for row in top for j in row], instruction=instruction).reshape(len(queries), deepest)
+        reordered = lambda k: np.take_along_axis(top[:, :k], np.argsort(-scores[:, :k], axis=1), axis=1)
         out[name + "/embedder"] = ndcg10_ranked(top, rel)
-        out[name + "/reranked"] = ndcg10_ranked(order, rel)
+        out[name + "/reranked"] = ndcg10_ranked(reordered(top_k), rel)
+        for k in depths or []:
+            out[f"{name}/reranked@{k}"] = ndcg10_ranked(reordered(k), rel)
     torch.set_grad_enabled(True)
     return out
 
@@ -139,6 +151,13 @@ def main(argv=None) -> dict:
     p.add_argument("--stage", default="stage2", choices=["stage1", "stage2", "reranker"])
     p.add_argument("--first-stage", default=None, help="reranker: the embedding model whose top-k it reranks")
     p.add_argument("--top-k", type=int, default=10, help="reranker: documents reranked per query")
+    p.add_argument("--depths", default="", help="reranker: also score the reranker's order of the top k for "
+                   "each k of this comma list (e.g. 10,20,50); with --no-train, --init is the reranker")
+    p.add_argument("--sets", default="", help="score only these dev sets (comma list of stsb-en-dev, "
+                   "nq-msmarco-hardneg; default both)")
+    p.add_argument("--merge", action="append", default=[], metavar="STEPS",
+                   help="after training, slerp-merge the kept checkpoints of these steps (e.g. 50,100,150; "
+                        "repeatable) as the merge stage does and score each merge")
     p.add_argument("--init", default=None, help="a saved model folder to start from (e.g. a stage-1 model)")
     p.add_argument("--synthetic", action="append", default=[], help="folders of synthetic shards to add")
     p.add_argument("--extra", action="append", default=[], help="more training data: PATH[::LIMIT[::INSTRUCTION]]")
@@ -155,9 +174,20 @@ def main(argv=None) -> dict:
     q, c, r = stsb_dev(args.data / "sts-en" / "stsbenchmark-train-dev.tsv")
     sets = {"stsb-en-dev": (q, c, [{i} for i in r], STS_INSTRUCTION),
             "nq-msmarco-hardneg": (*beir(args.data / "beir" / "nq-msmarco-hardneg"), NQ_INSTRUCTION)}
+    if args.sets:
+        unknown = set(args.sets.split(",")) - set(sets)
+        if unknown:
+            raise SystemExit(f"--sets: unknown {sorted(unknown)}; known: {sorted(sets)}")
+        sets = {k: v for k, v in sets.items() if k in args.sets.split(",")}
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"overrides": args.overrides, "stage": args.stage, "init": args.init, "checkpoints": {}}
-    if args.no_train:
+    depths = [int(k) for k in args.depths.split(",") if k]
+    if args.no_train and args.stage == "reranker":
+        t0 = time.perf_counter()
+        results["checkpoints"]["init"] = rerank_score(Path(args.init), Path(args.first_stage), sets, args.top_k, depths)
+        results["eval_s"] = time.perf_counter() - t0
+        print("init", json.dumps(results["checkpoints"]["init"]), flush=True)
+    elif args.no_train:
         from tasks.models import Embedder
 
         target = args.out / "model"
@@ -183,8 +213,22 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         for ck in [*(res.checkpoints[:-1] if args.all_checkpoints else []), res.final]:
             name = ck.parent.name if ck.name == "model" else ck.name
-            results["checkpoints"][name] = (rerank_score(ck, Path(args.first_stage), sets, args.top_k)
+            results["checkpoints"][name] = (rerank_score(ck, Path(args.first_stage), sets, args.top_k, depths)
                                             if args.stage == "reranker" else score(ck, sets))
+            print(name, json.dumps(results["checkpoints"][name]), flush=True)
+        for steps in args.merge:
+            from tasks.merge import slerp_merge
+
+            by_step = {int(c.parent.name.split("-")[1]): c for c in res.checkpoints}
+            wanted = [int(s) for s in steps.split(",")]
+            missing = [s for s in wanted if s not in by_step]
+            if missing:
+                raise SystemExit(f"--merge {steps}: no kept checkpoint at step(s) {missing}; kept: {sorted(by_step)} "
+                                 "(raise keep_checkpoints, or checkpoint_every to divide them)")
+            name = "merge-" + "-".join(map(str, wanted))
+            merged = slerp_merge([by_step[s] for s in wanted], args.out / name)
+            results["checkpoints"][name] = (rerank_score(merged, Path(args.first_stage), sets, args.top_k, depths)
+                                            if args.stage == "reranker" else score(merged, sets))
             print(name, json.dumps(results["checkpoints"][name]), flush=True)
         results["eval_s"] = time.perf_counter() - t0
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
