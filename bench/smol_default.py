@@ -9,7 +9,8 @@ model) is encoded and scored:
 - stsb-en-dev: STS Benchmark *dev* split as retrieval (sentence1 of pairs scored >= 4 against all
   1,467 sentence2 of the split; 264 queries), queries with the instruction "Retrieve semantically
   similar text." and, for diagnosis, without it;
-- nq-msmarco-hardneg: 20 real queries against their positives and 1,226 mined hard negatives.
+- nq-msmarco-hardneg: 20 real queries against their positives and 1,226 mined hard negatives, and
+  for diagnosis with no instruction and with XQuAD's question -> Wikipedia one (stage 2 trains it).
 
 nDCG@10 is computed here with numpy (binary relevance, one relevant document per query). Results
 go to `--out/results.json` and one line per checkpoint on stdout.
@@ -42,6 +43,7 @@ import numpy as np  # noqa: E402
 
 STS_INSTRUCTION = "Retrieve semantically similar text."
 NQ_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+QUESTION_INSTRUCTION = "Given a question, retrieve Wikipedia passages that answer the question"  # XQuAD's, in stage 2
 
 
 def stsb_dev(tsv: Path, min_score: float = 4.0) -> tuple[list[str], list[str], list[int]]:
@@ -100,6 +102,10 @@ def score(model_dir: Path, sets: dict, batch_size: int = 32) -> dict[str, float]
             out[name + "/symmetric"] = ndcg10(
                 model.encode(queries, instruction=instruction, is_query=True, batch_size=batch_size),
                 model.encode(corpus, instruction=instruction, is_query=True, batch_size=batch_size), rel)
+        if name == "nq-msmarco-hardneg":  # does the web-search instruction read worse than others?
+            out[name + "/no-instruction"] = ndcg10(model.encode(queries, is_query=True, batch_size=batch_size), d, rel)
+            out[name + "/question-instruction"] = ndcg10(
+                model.encode(queries, instruction=QUESTION_INSTRUCTION, is_query=True, batch_size=batch_size), d, rel)
     torch.set_grad_enabled(True)
     return out
 
