@@ -172,6 +172,10 @@ def main(argv=None) -> dict:
     p.add_argument("--no-train", action="store_true", help="only score --init (or the backbone)")
     p.add_argument("--all-checkpoints", action="store_true", help="score every kept checkpoint, not only the final model")
     args = p.parse_args(argv)
+    if args.depths and args.stage != "reranker":
+        p.error("--depths scores a reranker: give --stage reranker")
+    if args.merge and args.no_train:
+        p.error("--merge merges the checkpoints of a training: drop --no-train")
 
     from tasks.config import DataSource, load_config
     from tasks.training import train
