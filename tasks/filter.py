@@ -20,6 +20,16 @@ sit in a narrow band (an anisotropic model, e.g. a stage-1 model after few steps
 pairs as readily as real ones: then the filter keeps nearly everything and removes no bad pair.
 The report says so (`mismatched.kept_fraction`, a warning when more than half of them pass).
   manifest.json                  scorer, threshold and input shard hashes; other settings are refused
+
+Round trip (`filter.round_trip_k`, off by default): a cosine threshold asks whether query and
+document are close, not whether the document is the one the query finds. With `round_trip_k: k` a
+pair is also kept only when its document is among the k the scorer ranks highest for its query,
+out of the documents of every pair, each encoded as its own pair encodes it (at most
+`round_trip_pool` of them, a seeded sample; the pool is drawn from all input shards before any is
+scored, so a resumed shard ranks against the same one).
+This is the consistency filter of Promptagator (Dai et al. 2022): it drops the pairs whose query
+does not pick out its own document, e.g. a translation that is not one, a topic label the scorer
+does not give the passage, a query written about nothing in particular (`meta.filter_rank`).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -69,9 +80,9 @@ def pair_embeddings(encoder, records: Sequence[dict[str, Any]], *,
     n = len(records)
     q = np.zeros((n, 0), dtype=np.float32)
     d = q
-    groups: dict[tuple[str | None, bool], list[int]] = defaultdict(list)
+    groups: dict[Group, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
-        groups[(r.get("instruction") or None, bool(r.get("symmetric")))].append(i)
+        groups[_group(r)].append(i)
     for (instruction, symmetric), idx in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
         qe = encoder.encode([records[i]["query"] for i in idx], instruction=instruction, is_query=True,
                             batch_size=batch_size)
@@ -84,20 +95,87 @@ def pair_embeddings(encoder, records: Sequence[dict[str, Any]], *,
     return q, d
 
 
-class FilterWorker:
-    """A Ray actor: loads the scoring model once (or calls `factory` for it), then scores shard after shard."""
+Group = tuple[str | None, bool]  # (instruction, symmetric): how a pair's texts are encoded
+Candidate = tuple[str | None, str]  # (the instruction its document is encoded with, or None; the document)
 
-    def __init__(self, spec: Any, batch_size: int, num_threads: int = 1, factory: Callable[[], Any] | None = None):
+
+def _group(record: dict[str, Any]) -> Group:
+    return record.get("instruction") or None, bool(record.get("symmetric"))
+
+
+def _candidate(record: dict[str, Any]) -> Candidate:
+    instruction, symmetric = _group(record)
+    return (instruction if symmetric else None), record["response"]
+
+
+def round_trip_pool(paths: Sequence[Path], size: int, seed: int = 0) -> list[Candidate]:
+    """The documents a round trip ranks: each distinct document of the pairs in `paths`, encoded as
+    its pair encodes it, at most `size` of them (a seeded reservoir sample, read shard by shard)."""
+    rng = random.Random(seed)
+    seen: set[Candidate] = set()
+    pool: list[Candidate] = []
+    for path in paths:
+        for rec in _read_shard(path):
+            c = _candidate(rec)
+            if c in seen:
+                continue
+            seen.add(c)
+            if len(seen) <= size:
+                pool.append(c)
+            elif (j := rng.randrange(len(seen))) < size:
+                pool[j] = c
+    return pool
+
+
+def round_trip_ranks(records: Sequence[dict[str, Any]], q: np.ndarray, scores: np.ndarray,
+                     pool: Sequence[Candidate], pool_embeddings: np.ndarray) -> np.ndarray:
+    """1 + the number of pool documents, other than the pair's own text, its query is closer to
+    than to its own document."""
+    texts = np.array([t for _, t in pool], dtype=object)
+    closer = (q @ pool_embeddings.T) > scores[:, None]
+    for i, rec in enumerate(records):
+        closer[i, texts == rec["response"]] = False
+    return 1 + closer.sum(axis=1)
+
+
+def encode_pool(encoder, pool: Sequence[Candidate], batch_size: int) -> np.ndarray:
+    """The pool's documents as unit vectors, in pool order."""
+    by_instruction: dict[str | None, list[int]] = defaultdict(list)
+    for i, (instruction, _) in enumerate(pool):
+        by_instruction[instruction].append(i)
+    out: np.ndarray | None = None
+    for instruction, idx in sorted(by_instruction.items(), key=lambda kv: str(kv[0])):
+        e = encoder.encode([pool[i][1] for i in idx], instruction=instruction, is_query=False, batch_size=batch_size)
+        if out is None:
+            out = np.zeros((len(pool), e.shape[1]), dtype=np.float32)
+        out[idx] = e
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+class FilterWorker:
+    """A Ray actor: loads the scoring model once (or calls `factory` for it), then scores shard after
+    shard; with round-trip `pools`, it encodes them once, on its first shard."""
+
+    def __init__(self, spec: Any, batch_size: int, num_threads: int = 1, factory: Callable[[], Any] | None = None,
+                 pool: Sequence[Candidate] | None = None):
         import torch
 
         torch.set_num_threads(max(1, num_threads))
         self.encoder = factory() if factory is not None else load_encoder(spec)
         self.batch_size = batch_size
+        self.pool = list(pool or [])
+        self.pool_embeddings: np.ndarray | None = None
 
-    def score(self, records: list[dict[str, Any]]) -> list[tuple[float, float]]:
-        """(score, mismatched score) of each record."""
+    def score(self, records: list[dict[str, Any]]) -> list[tuple[float, float, int | None]]:
+        """(score, mismatched score, round-trip rank or None) of each record."""
         q, d = pair_embeddings(self.encoder, records, batch_size=self.batch_size)
-        return [(float(s), float(m)) for s, m in zip((q * d).sum(axis=1), mismatched_scores(q, d))]
+        scores = (q * d).sum(axis=1)
+        ranks: Sequence[int | None] = [None] * len(records)
+        if self.pool:
+            if self.pool_embeddings is None:
+                self.pool_embeddings = encode_pool(self.encoder, self.pool, self.batch_size)
+            ranks = round_trip_ranks(records, q, scores, self.pool, self.pool_embeddings).tolist()
+        return [(float(s), float(m), r) for s, m, r in zip(scores, mismatched_scores(q, d), ranks)]
 
 
 @dataclass
@@ -142,18 +220,24 @@ def filter_pairs(cfg: FilterConfig, pairs_dir: str | Path, out_dir: str | Path, 
     if not inputs:
         raise DataError(f"{pairs_dir}: no shard-*.jsonl files to filter")
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"embedder": encoder_id(spec), "threshold": cfg.threshold}
+    settings: dict[str, Any] = {"embedder": encoder_id(spec), "threshold": cfg.threshold}
+    k = cfg.round_trip_k
+    if k is not None:  # absent otherwise, so folders filtered before round trips existed stay valid
+        settings |= {"round_trip_k": k, "round_trip_pool": cfg.round_trip_pool}
     hashes = {p.name: _sha_file(p) for p in inputs}
     _check_manifest(out_dir, settings, hashes)
     missing = [p for p in inputs if not (out_dir / p.name).is_file()]
+    # every input shard draws the pool, so a rerun over the same inputs ranks against the same one
+    pool = round_trip_pool(inputs, cfg.round_trip_pool) if k is not None and missing else None
 
-    def write(path: Path, scores: list[tuple[float, float]]) -> None:
+    def write(path: Path, scores: list[tuple[float, float, int | None]]) -> None:
         records = _read_shard(path)
         kept, dropped = [], []
-        for rec, (s, m) in zip(records, scores):
-            extra = {"filter_score": s} | ({"filter_mismatched_score": m} if m == m else {})  # not NaN
+        for rec, (s, m, r) in zip(records, scores):
+            extra = ({"filter_score": s} | ({"filter_mismatched_score": m} if m == m else {})  # not NaN
+                     | ({"filter_rank": r} if r is not None else {}))
             rec = dict(rec, meta=dict(rec.get("meta") or {}, **extra))
-            (kept if s > cfg.threshold else dropped).append(rec)
+            (kept if s > cfg.threshold and (r is None or r <= k) else dropped).append(rec)
         write_jsonl(out_dir / "dropped" / f"dropped-{path.name.removeprefix('shard-')}", dropped)
         write_jsonl(out_dir / path.name, kept)  # last: its presence marks the shard done
 
@@ -161,10 +245,10 @@ def filter_pairs(cfg: FilterConfig, pairs_dir: str | Path, out_dir: str | Path, 
     tasks = [(p, "score", (_read_shard(p),)) for p in missing]
     if tasks:
         with ray_for(placement):
-            run_on_actors(FilterWorker, (spec, cfg.batch_size, placement.threads, encoder_factory), tasks,
+            run_on_actors(FilterWorker, (spec, cfg.batch_size, placement.threads, encoder_factory, pool), tasks,
                           placement=placement, on_result=write, progress=progress, desc="filter",
                           total=len(inputs))
-    report = filter_report(out_dir, [p.name for p in inputs], cfg.threshold, settings["embedder"])
+    report = filter_report(out_dir, [p.name for p in inputs], cfg.threshold, settings["embedder"], round_trip_k=k)
     hist = out_dir / HISTOGRAM
     plot_histogram(out_dir, [p.name for p in inputs], cfg.threshold, hist)
     report["histogram"] = hist.name
@@ -172,7 +256,7 @@ def filter_pairs(cfg: FilterConfig, pairs_dir: str | Path, out_dir: str | Path, 
                      "shards_reused": len(inputs) - len(missing),
                      "seconds": round(time.perf_counter() - t0, 2)}
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    if report.get("warning"):
+    if report.get("warning") and k is None:  # with a round trip the rank does the separating
         log.warning("filter: %s", report["warning"])
     if progress:
         print_report(report, title=f"filter -> {out_dir}")
@@ -201,7 +285,8 @@ def _scored(out_dir: Path, names: Sequence[str]) -> list[tuple[dict[str, Any], b
     return rows
 
 
-def filter_report(out_dir: Path, names: Sequence[str], threshold: float, embedder: str) -> dict[str, Any]:
+def filter_report(out_dir: Path, names: Sequence[str], threshold: float, embedder: str, *,
+                  round_trip_k: int | None = None) -> dict[str, Any]:
     rows = _scored(out_dir, names)
     scores = np.array([m["filter_score"] for m, _ in rows], dtype=np.float64)
 
@@ -220,6 +305,13 @@ def filter_report(out_dir: Path, names: Sequence[str], threshold: float, embedde
         "by_task": group("task"), "by_language": group("language"),
         "score_quantiles": _quantiles(scores),
     }
+    if round_trip_k is not None:
+        above = [m for m, _ in rows if m["filter_score"] > threshold]
+        report["round_trip"] = {
+            "k": round_trip_k, "above_threshold": len(above),
+            "dropped_by_rank": sum(m.get("filter_rank", 0) > round_trip_k for m in above),
+            "rank_quantiles": _quantiles(np.array([m["filter_rank"] for m, _ in rows if "filter_rank" in m],
+                                                  dtype=np.float64))}
     mismatched = np.array([m["filter_mismatched_score"] for m, _ in rows if "filter_mismatched_score" in m],
                           dtype=np.float64)
     if len(mismatched):  # absent from shards scored by an older version, and from one-pair inputs
@@ -250,9 +342,10 @@ def plot_histogram(out_dir: Path, names: Sequence[str], threshold: float, path: 
     import matplotlib.pyplot as plt
 
     by_task: dict[str, list[float]] = defaultdict(list)
-    for m, _ in _scored(out_dir, names):
+    scored = _scored(out_dir, names)
+    for m, _ in scored:
         by_task[str(m.get("task", "unknown"))].append(m["filter_score"])
-    mismatched = [m["filter_mismatched_score"] for m, _ in _scored(out_dir, names) if "filter_mismatched_score" in m]
+    mismatched = [m["filter_mismatched_score"] for m, _ in scored if "filter_mismatched_score" in m]
     fig, ax = plt.subplots(figsize=(7, 4))
     all_scores = [s for v in by_task.values() for s in v]
     if all_scores:
@@ -266,8 +359,10 @@ def plot_histogram(out_dir: Path, names: Sequence[str], threshold: float, path: 
                     label="mismatched pairs (query, another pair's document)")
         ax.legend(title="task", fontsize=8)
     ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:g}")
-    kept = sum(s > threshold for s in all_scores)
-    ax.set_title(f"cos(query, document): {kept}/{len(all_scores)} kept (> {threshold:g})")
+    kept = sum(k for _, k in scored)
+    ranked = any("filter_rank" in m for m, _ in scored)
+    ax.set_title(f"cos(query, document): {kept}/{len(all_scores)} kept (> {threshold:g}"
+                 + (", and a round trip)" if ranked else ")"))
     ax.set_xlabel("cosine similarity")
     ax.set_ylabel("pairs")
     fig.tight_layout()
@@ -297,4 +392,8 @@ def print_report(report: dict[str, Any], *, title: str) -> None:
     if mm:
         t.add_row("mismatched pairs that would pass", "", f"{100 * mm['kept_fraction']:.1f}%")
     t.add_row("threshold", "", f"{report['threshold']:g}")
+    rt = report.get("round_trip")
+    if rt:
+        t.add_row(f"dropped by the round trip (own document not in the top {rt['k']})", "",
+                  f"{rt['dropped_by_rank']} of {rt['above_threshold']}")
     Console().print(t)

@@ -227,3 +227,58 @@ def test_filter_cli_reuses_finished_shards(ray_session, pairs_dir, tmp_path, mic
     assert json.loads((out / "report.json").read_text())["run"]["shards_scored"] == 0
     bad = CliRunner().invoke(app, ["filter", str(tmp_path / "nothing"), "--out", str(out), "--embedder", "micro"])
     assert bad.exit_code == 1 and "no shard-*.jsonl" in bad.output
+
+
+def test_round_trip_keeps_a_pair_only_when_its_query_finds_its_document(ray_session, micro_cfg, micro_embedder,
+                                                                        pairs_dir, tmp_path):
+    """filter.round_trip_k: the rank of each pair's document among the documents of every pair with
+    its instruction, recomputed one text at a time, decides with the threshold; a shard lost and
+    rescored ranks against the same candidates."""
+    recs = [json.loads(line) for f in sorted(pairs_dir.glob("shard-*.jsonl")) for line in f.read_text().splitlines()]
+
+    def doc(r, text):
+        ins = r.get("instruction")
+        return micro_embedder.encode([text], instruction=ins if r.get("symmetric") else None)[0]
+
+    expected = []
+    for r in recs:
+        q = micro_embedder.encode([r["query"]], instruction=r.get("instruction"), is_query=True)[0]
+        own = float(q @ doc(r, r["response"]))
+        others = {(x.get("instruction") if x.get("symmetric") else None, x["response"]): x for x in recs}
+        expected.append(1 + sum(float(q @ doc(x, t)) > own for (_, t), x in others.items() if t != r["response"]))
+    expected = np.array(expected)
+    assert len(set(expected)) > 3  # the micro model ranks, it does not tie everything
+
+    cfg = FilterConfig(threshold=-1.0, round_trip_k=2, workers=2, batch_size=4)
+    out = tmp_path / "rt"
+    res = filter_pairs(cfg, pairs_dir, out, embedder=micro_cfg.model, progress=False)
+    rows = [json.loads(line) for f in res.shards + sorted((out / "dropped").glob("*.jsonl"))
+            for line in f.read_text().splitlines()]
+    kept = {(r["query"], r["response"]) for f in res.shards for r in map(json.loads, f.read_text().splitlines())}
+    ranks = {(r["query"], r["response"]): r["meta"]["filter_rank"] for r in rows}
+    assert [ranks[(r["query"], r["response"])] for r in recs] == expected.tolist()
+    assert kept == {(r["query"], r["response"]) for r, k in zip(recs, expected) if k <= 2}
+    assert res.report["round_trip"]["dropped_by_rank"] == int((expected > 2).sum()) > 0
+    assert res.report["kept"] == int((expected <= 2).sum())
+
+    first = (out / "shard-00000.jsonl").read_bytes()
+    (out / "shard-00000.jsonl").unlink()
+    again = filter_pairs(cfg, pairs_dir, out, embedder=micro_cfg.model, progress=False)
+    assert (out / "shard-00000.jsonl").read_bytes() == first and again.report["run"]["shards_scored"] == 1
+    with pytest.raises(ValueError, match="other settings"):
+        filter_pairs(cfg.model_copy(update={"round_trip_k": 3}), pairs_dir, out, embedder=micro_cfg.model,
+                     progress=False)
+
+
+def test_round_trip_pool_is_a_seeded_sample_of_distinct_documents(pairs_dir):
+    from tasks.filter import round_trip_pool
+
+    shards = sorted(pairs_dir.glob("shard-*.jsonl"))
+    full = round_trip_pool(shards, 100)
+    assert len(full) == len(set(full)) == 24 + 8 + 1  # retrieval documents, STS sentences, the German pair's
+    sts = [json.loads(x) for x in shards[1].read_text().splitlines() if '"symmetric": true' in x]
+    assert len(sts) == 8 and all((INSTRUCTIONS["sts"], r["response"]) in full for r in sts)  # encoded as its pair does
+    assert (None, "The weather is nice today.") in full
+    small = round_trip_pool(shards, 5)
+    assert len(small) == 5 and set(small) <= set(full) and small == round_trip_pool(shards, 5)
+    assert small != round_trip_pool(shards, 5, seed=1)

@@ -78,7 +78,8 @@ def filter_cmd(
     overrides: Optional[List[str]] = OverridesArg,
 ) -> None:
     """Filter synthetic pairs (paper §3.3): keep those whose cos(query with its instruction, document)
-    under the scoring model is above the threshold."""
+    under the scoring model is above the threshold (and, with filter.round_trip_k, whose document
+    is among the scorer's top k for its query)."""
     from pydantic import ValidationError
 
     from tasks.config import FilterConfig
@@ -99,7 +100,8 @@ def filter_cmd(
     except (ValidationError, DataError, ModelLoadError, ValueError, FileNotFoundError) as e:
         raise fail(e) from None
     r = res.report
-    typer.echo(f"kept {r['kept']} of {r['total']} pairs (cos > {r['threshold']:g}) -> {out} "
+    rule = f"cos > {r['threshold']:g}" + (f", document in the top {r['round_trip']['k']}" if r.get("round_trip") else "")
+    typer.echo(f"kept {r['kept']} of {r['total']} pairs ({rule}) -> {out} "
                f"(report.json, {res.histogram.name})")
 
 

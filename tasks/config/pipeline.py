@@ -117,6 +117,9 @@ class FilterConfig(Strict):
     enabled: bool
     threshold: float = Field(ge=-1, le=1)
     embedder: str | None = Field(description="model used to score pairs; null = the stage-1 model")
+    round_trip_k: int | None = Field(ge=1, description="also keep a pair only if its document is in the "
+                                     "scorer's top k for its query (tasks/filter.py); null = off")
+    round_trip_pool: int = Field(gt=1, description="candidate documents per instruction for the round trip")
     batch_size: int = Field(gt=0)
     workers: int = Field(gt=0)
     cpus_per_worker: float = Field(gt=0)
