@@ -105,15 +105,18 @@ def test_filter_keeps_exactly_the_pairs_above_threshold(ray_session, micro_cfg, 
     assert report["score_quantiles"]["min"] == pytest.approx(s[0], abs=1e-4)
     assert res.histogram.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and res.histogram.stat().st_size > 5000
 
-    # resume: a lost shard is rescored to the same bytes; other settings in the same folder are refused
-    out = tmp_path / "filtered"
-    first = (out / "shard-00001.jsonl").read_bytes()
-    (out / "shard-00001.jsonl").unlink()
-    again = filter_pairs(cfg, pairs_dir, out, embedder=micro_cfg.model, progress=False)
-    assert (out / "shard-00001.jsonl").read_bytes() == first and again.report["run"]["shards_scored"] == 1
+    _resumes_and_refuses_other_settings(cfg, pairs_dir, tmp_path / "filtered", "shard-00001.jsonl",
+                                        micro_cfg.model, {"threshold": 0.5})
+
+
+def _resumes_and_refuses_other_settings(cfg, pairs_dir, out, shard, model, other: dict) -> None:
+    """A lost shard is rescored to the same bytes; other settings in the same folder are refused."""
+    first = (out / shard).read_bytes()
+    (out / shard).unlink()
+    again = filter_pairs(cfg, pairs_dir, out, embedder=model, progress=False)
+    assert (out / shard).read_bytes() == first and again.report["run"]["shards_scored"] == 1
     with pytest.raises(ValueError, match="other settings"):
-        filter_pairs(cfg.model_copy(update={"threshold": 0.5}), pairs_dir, out, embedder=micro_cfg.model,
-                     progress=False)
+        filter_pairs(cfg.model_copy(update=other), pairs_dir, out, embedder=model, progress=False)
 
 
 class ReportingEncoder:
@@ -261,13 +264,7 @@ def test_round_trip_keeps_a_pair_only_when_its_query_finds_its_document(ray_sess
     assert res.report["round_trip"]["dropped_by_rank"] == int((expected > 2).sum()) > 0
     assert res.report["kept"] == int((expected <= 2).sum())
 
-    first = (out / "shard-00000.jsonl").read_bytes()
-    (out / "shard-00000.jsonl").unlink()
-    again = filter_pairs(cfg, pairs_dir, out, embedder=micro_cfg.model, progress=False)
-    assert (out / "shard-00000.jsonl").read_bytes() == first and again.report["run"]["shards_scored"] == 1
-    with pytest.raises(ValueError, match="other settings"):
-        filter_pairs(cfg.model_copy(update={"round_trip_k": 3}), pairs_dir, out, embedder=micro_cfg.model,
-                     progress=False)
+    _resumes_and_refuses_other_settings(cfg, pairs_dir, out, "shard-00000.jsonl", micro_cfg.model, {"round_trip_k": 3})
 
 
 def test_round_trip_pool_is_a_seeded_sample_of_distinct_documents(pairs_dir):
