@@ -256,7 +256,7 @@ def filter_pairs(cfg: FilterConfig, pairs_dir: str | Path, out_dir: str | Path, 
                      "shards_reused": len(inputs) - len(missing),
                      "seconds": round(time.perf_counter() - t0, 2)}
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    if report.get("warning") and k is None:  # with a round trip the rank does the separating
+    if report.get("warning"):
         log.warning("filter: %s", report["warning"])
     if progress:
         print_report(report, title=f"filter -> {out_dir}")
@@ -318,7 +318,7 @@ def filter_report(out_dir: Path, names: Sequence[str], threshold: float, embedde
         share = float((mismatched > threshold).mean())
         report["mismatched"] = {"total": len(mismatched), "kept_fraction": round(share, 4),
                                 "score_quantiles": _quantiles(mismatched)}
-        if share > MISMATCHED_WARN:
+        if share > MISMATCHED_WARN and round_trip_k is None:  # with a round trip the rank separates them
             report["warning"] = (
                 f"the scorer {embedder} passes {100 * share:.0f} % of mismatched pairs (each query with another "
                 f"pair's document) at threshold {threshold:g}, against {100 * report['kept_fraction']:.0f} % of "

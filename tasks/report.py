@@ -328,17 +328,26 @@ def synthesis_markdown(summary: dict) -> str | None:
 
 
 def filter_note(rep: dict | None) -> str | None:
-    """One paragraph on the filter: what it kept, and whether its scorer separates real pairs from
-    mismatched ones (tasks/filter.py)."""
+    """One paragraph on the filter: what it kept (per task kind with a round trip), and whether its
+    scorer separates real pairs from mismatched ones (tasks/filter.py). With a round trip the rank
+    does the separating, so the threshold's mismatched share is no warning."""
     if not rep:
         return None
-    text = (f"Filter: cos > {rep['threshold']:g} scored by `{rep['embedder']}` kept {rep['kept']} of "
+    rt = rep.get("round_trip")
+    rule = f"cos > {rep['threshold']:g}" + (
+        f" and the pair's document among the scorer's top {rt['k']} of all synthetic documents (round trip)"
+        if rt else "")
+    text = (f"Filter: {rule}, scored by `{rep['embedder']}`, kept {rep['kept']} of "
             f"{rep['total']} pairs ({100 * rep['kept_fraction']:.1f}%)")
+    if rt:
+        kinds = ", ".join(f"{k} {v['kept']} of {v['total']}" for k, v in (rep.get("by_task") or {}).items())
+        text += f": {kinds}; the round trip dropped {rt['dropped_by_rank']} of the {rt['above_threshold']} " \
+                f"above the threshold"
     mm = rep.get("mismatched")
-    if mm:
+    if mm and not rt:
         text += f"; of mismatched pairs (a query with another pair's document) {100 * mm['kept_fraction']:.1f}% would pass"
     text += "."
-    if rep.get("warning"):
+    if rep.get("warning") and not rt:
         text += f" **Warning**: {rep['warning']}"
     return text
 

@@ -95,7 +95,7 @@ def test_the_synthesis_section_says_what_the_filter_kept_and_whether_its_scorer_
                    "kept_fraction": 0.9967, "mismatched": {"total": 305, "kept_fraction": 0.9836},
                    "warning": "the scorer runs/stage1/final passes 98 % of mismatched pairs"}
     md = report.run_report(s)
-    assert ("Filter: cos > 0.7 scored by `runs/stage1/final` kept 304 of 305 pairs (99.7%); of mismatched "
+    assert ("Filter: cos > 0.7, scored by `runs/stage1/final`, kept 304 of 305 pairs (99.7%); of mismatched "
             "pairs (a query with another pair's document) 98.4% would pass.") in md
     assert "**Warning**: the scorer runs/stage1/final passes 98 % of mismatched pairs" in md
     del s["filter"]["warning"], s["filter"]["mismatched"]  # an older report: no mismatched pairs
@@ -417,3 +417,17 @@ def test_cli_reports_ablation_sweeps_with_out_and_plot(tmp_path, capsys):
     assert "use it with --ablations" in capsys.readouterr().err
     assert main(["report", "--ablations", "sweep0", "gone", "--run-dir", str(run_dir)]) == 1
     assert f"sweep gone: no summaries at {run_dir / 'ablations' / 'gone' / 'summaries.json'}" in capsys.readouterr().err
+
+
+def test_the_filter_note_says_what_the_round_trip_dropped_and_warns_only_without_one():
+    from tasks.report import filter_note
+
+    rep = {"embedder": "bundled:all-minilm-l6-v2", "threshold": 0.0, "kept": 3, "total": 10, "kept_fraction": 0.3,
+           "by_task": {"bitext": {"kept": 0, "total": 4}, "sts": {"kept": 3, "total": 6}},
+           "mismatched": {"kept_fraction": 0.65}, "warning": "the scorer passes 65 % of mismatched pairs"}
+    plain = filter_note(rep)
+    assert plain.startswith("Filter: cos > 0, scored by `bundled:all-minilm-l6-v2`, kept 3 of 10 pairs (30.0%)")
+    assert "65.0% would pass" in plain and "**Warning**: the scorer passes" in plain
+    rt = filter_note(rep | {"round_trip": {"k": 5, "above_threshold": 9, "dropped_by_rank": 6}})
+    assert "top 5 of all synthetic documents (round trip)" in rt and "bitext 0 of 4, sts 3 of 6" in rt
+    assert "dropped 6 of the 9 above the threshold" in rt and "Warning" not in rt and "would pass" not in rt
