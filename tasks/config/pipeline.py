@@ -119,7 +119,7 @@ class FilterConfig(Strict):
     embedder: str | None = Field(description="model used to score pairs; null = the stage-1 model")
     round_trip_k: int | None = Field(ge=1, description="also keep a pair only if its document is in the "
                                      "scorer's top k for its query (tasks/filter.py); null = off")
-    round_trip_pool: int = Field(gt=1, description="candidate documents per instruction for the round trip")
+    round_trip_pool: int = Field(gt=1, description="at most this many candidate documents for the round trip")
     batch_size: int = Field(gt=0)
     workers: int = Field(gt=0)
     cpus_per_worker: float = Field(gt=0)
