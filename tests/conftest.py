@@ -129,6 +129,27 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _ray_cpus_come_back():
+    """A module's stages must leave the session's Ray as they found it: an actor left alive holds its
+    CPUs, and the next stage that asks for every CPU (training takes them all) waits for ever."""
+    yield
+    if (ray := sys.modules.get("ray")) is None or not ray.is_initialized():
+        return
+    from tests.processes import wait_for_free_cpus
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if (free := wait_for_free_cpus()) < total:
+        try:
+            from ray.util.state import list_actors
+
+            alive = sorted({a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")])})
+        except Exception as e:  # noqa: BLE001 - the state API needs Ray's dashboard process
+            alive = f"unlisted: {e}"
+        pytest.fail(f"{total - free:g} of the session Ray's {total:g} CPUs are still held after the module's "
+                    f"tests (alive actors: {alive})")
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One Prefect API server for every flow of the session (instead of one temporary server per flow)."""

@@ -1,7 +1,8 @@
 """The process table, read from /proc: which processes a session (a driver started with
 `start_new_session=True`) still has, for the tests that SIGKILL a driver and check what it left.
 Prefect's temporary server runs in a session of its own (flows/pipeline.py: out of reach of a
-terminal's Ctrl-C), so a run's processes are its session's and their descendants (`process_tree`)."""
+terminal's Ctrl-C), so a run's processes are its session's and their descendants (`process_tree`).
+Ray's actors are processes too: `wait_for_free_cpus` tells whether a stage left one holding CPUs."""
 
 from __future__ import annotations
 
@@ -63,3 +64,15 @@ def wait_gone(processes: dict[int, str], timeout: float = 30.0) -> dict[int, str
     while (left := {p: c for p, c in processes.items() if _cmdline(p) == c}) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
+
+
+def wait_for_free_cpus(timeout: float = 20.0) -> float:
+    """The CPUs of this process's Ray that are free once all are, or once `timeout` seconds have
+    passed (killing an actor is asynchronous: its CPUs come back within about a second)."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    deadline = time.monotonic() + timeout
+    while (free := ray.available_resources().get("CPU", 0.0)) < total and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return free

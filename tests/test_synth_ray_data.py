@@ -18,6 +18,7 @@ import types
 from pathlib import Path
 
 import pytest
+import ray
 
 from tasks.config import GeneratorConfig, SynthConfig
 from tasks.synthesis.generators import GeneratorError, Secret, build_generator
@@ -26,6 +27,7 @@ from tasks.synthesis.prompts import classification_prompt, configuration_prompt
 from tasks.synthesis.run import content_settings, synthesize
 from tests.configs import synth_cfg
 from tests.fakes import KEY, CrashingGenerator, FakeOpenAI
+from tests.processes import wait_for_free_cpus
 
 MIX = {"retrieval": 2, "bitext": 1, "sts": 1, "classification": 1}
 
@@ -96,9 +98,13 @@ def test_ray_data_resume_after_a_kill_and_a_crash_generates_only_missing_shards(
     # as itself and that shard is not written; shard 1 may have been finished before it
     passages = load_passages(one.passages, limit=7)
     crash = functools.partial(CrashingGenerator, one.generator, passages[6].text[:60])
-    with pytest.raises(GeneratorError, match="simulated crash"):
+    with pytest.raises(GeneratorError, match="simulated crash") as crashed:
         synthesize(one, out, generator_factory=crash, progress=False)
     assert not (out / "shard-00003.jsonl").exists()
+    # the error is still held (a Prefect state, a caller's retry loop) and no cycle collection runs:
+    # the crashed pool's actor must still give its CPU back, or the rerun below (or a later stage
+    # that asks for every CPU) waits for it for ever
+    assert wait_for_free_cpus() == ray.cluster_resources()["CPU"], crashed.value
     missing = 2 - (out / "shard-00001.jsonl").exists()
 
     res = synthesize(one, out, progress=False)

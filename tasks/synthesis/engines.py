@@ -72,24 +72,38 @@ def run_on_ray_data(shards: dict[int, list[Plan]], cfg: SynthConfig, init_args: 
     with the placement's CPUs and GPUs, and `batch_size=shard_size`, so every batch is one whole
     shard (Ray Data joins blocks smaller than a batch, and only the corpus's last shard is short)
     and its records equal the actor engine's. `on_result(shard, result)` runs in the driver as
-    shards stream out; a failure stops the run, losing only the shards still in flight."""
+    shards stream out; a failure stops the run, losing only the shards still in flight. The pool's
+    actors end with the run, however it ends (they run in a placement group removed at the end)."""
     import pyarrow as pa
     import ray.data
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     rows = {i: [plan_row(p, i) for p in plans] for i, plans in shards.items()}
     schema = pa.Table.from_pylist([r for shard_rows in rows.values() for r in shard_rows]).schema
     ds = ray.data.from_arrow([pa.Table.from_pylist(r, schema=schema) for r in rows.values()])
-    pool = ray.data.ActorPoolStrategy(size=min(placement.actors, len(rows)))
-    ds = ds.map_batches(SynthShards, fn_constructor_args=init_args, batch_size=cfg.shard_size,
-                        batch_format="pyarrow", compute=pool, num_cpus=placement.cpus,
-                        num_gpus=placement.gpus)
-    ctx = ds.context
-    ctx.raise_original_map_exception = True  # a GeneratorError reaches the caller as itself
-    ctx.enable_progress_bars = ctx.print_on_execution_start = progress
-    for row in ds.iter_rows():
-        i = int(row["shard"])
-        if row["passages"] != len(shards[i]):
-            raise RuntimeError(f"Ray Data gave a worker part of shard {i} ({row['passages']} of "
-                               f"{len(shards[i])} passages); the shard was not written")
-        on_result(i, {"accepted": json.loads(row["accepted"]), "rejected": json.loads(row["rejected"]),
-                      "seconds": row["seconds"]})
+    actors = min(placement.actors, len(rows))
+    # The pool runs in a placement group of its own, removed when the run ends however it ends:
+    # that kills its actors. Ray Data, stopped by an error, only drops its handles to them, and
+    # the error's traceback and the executor hold each other (and the handles) in reference
+    # cycles, so until Python's cycle collector happens to run the actors would live on, holding
+    # their CPUs, and a rerun or a later stage that needs them would wait for ever.
+    group = placement_group([{"CPU": placement.cpus} | ({"GPU": placement.gpus} if placement.gpus else {})]
+                            * actors)
+    try:
+        ds = ds.map_batches(SynthShards, fn_constructor_args=init_args, batch_size=cfg.shard_size,
+                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+                            num_cpus=placement.cpus, num_gpus=placement.gpus,
+                            scheduling_strategy=PlacementGroupSchedulingStrategy(group))
+        ctx = ds.context
+        ctx.raise_original_map_exception = True  # a GeneratorError reaches the caller as itself
+        ctx.enable_progress_bars = ctx.print_on_execution_start = progress
+        for row in ds.iter_rows():
+            i = int(row["shard"])
+            if row["passages"] != len(shards[i]):
+                raise RuntimeError(f"Ray Data gave a worker part of shard {i} ({row['passages']} of "
+                                   f"{len(shards[i])} passages); the shard was not written")
+            on_result(i, {"accepted": json.loads(row["accepted"]), "rejected": json.loads(row["rejected"]),
+                          "seconds": row["seconds"]})
+    finally:
+        remove_placement_group(group)
