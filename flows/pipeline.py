@@ -35,7 +35,7 @@ from tasks import lineage, report, tracking
 from tasks.config import ModelConfig, PipelineConfig, Resources, TrainConfig, flatten, load_config
 from tasks.distributed import init_ray, place_actors, run_remote
 from tasks.stages import (
-    StageDir, eval_key, merge_stage, stage_dir, stage_key, timed, train_resources, train_stage,
+    StageDir, eval_key, merge_stage, stage_dir, stage_key, synth_key, timed, train_resources, train_stage,
 )
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def synthesis(ctx: Context) -> dict | None:
         return None
     from tasks.stages import synth_stage
 
-    key = stage_key("synthesis", synth=cfg.synth, data=ctx.data_md5)
+    key = synth_key(cfg.synth, data=ctx.data_md5, root=ctx.root)
     sd = stage_dir(ctx.datasets, "synthesis", key, folder="synthetic")
     return run_stage.with_options(name=sd.name)(
         ctx, sd, synth_stage, (cfg.synth, str(sd.path)),

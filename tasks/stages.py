@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.config import DataSource, EvalConfig, ModelConfig, Resources, TrainConfig
+from tasks.config import DataSource, EvalConfig, ModelConfig, Resources, SynthConfig, TrainConfig
 from tasks.data import atomic_write_text
 from tasks.distributed import Placement
 
@@ -80,6 +80,34 @@ def file_digest(path: str | Path, setting: str) -> str:
     if not p.is_file():
         raise DataError(f"{setting}: {p} not found")
     return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+
+
+def folder_digest(path: str | Path) -> str | None:
+    """The content hash of the files under a folder (their names and bytes, in name order); None
+    where there is no folder."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        h.update(f.relative_to(p).as_posix().encode() + b"\0")
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def synth_key(cfg: SynthConfig, *, data: str, root: str | Path) -> str:
+    """The key of synthesis: its config, the data version, the prompts' version (an edited prompt
+    writes other pairs from the same settings) and, with `synth.reuse`, the contents of the reused
+    folder (`q3e synth --out` remakes it under the same path)."""
+    from tasks.data import resolve_path
+    from tasks.synthesis.prompts import PROMPT_VERSION
+
+    inputs: dict[str, Any] = {"prompts": PROMPT_VERSION}
+    if cfg.reuse:
+        inputs["reused"] = folder_digest(resolve_path(cfg.reuse, root))
+    return stage_key("synthesis", synth=cfg, data=data, **inputs)
 
 
 def eval_key(cfg: EvalConfig, *, model: str, reranker: str | None, data: str, root: str | Path) -> str:

@@ -14,7 +14,7 @@ import pytest
 from tasks import stages
 from tasks.config import load_config
 from tasks.distributed import Placement, place_actors, task_threads
-from tasks.stages import stage_dir, stage_key, train_resources
+from tasks.stages import stage_dir, stage_key, synth_key, train_resources
 
 DATA = "50ba92085f0651a5aaa6eed1845bb4cf.dir"  # a data version, as data.dvc records it
 
@@ -23,7 +23,7 @@ def recipe_keys(*overrides: str, data: str = DATA) -> dict[str, str]:
     """The keys of the embedding half of the recipe on the micro preset, each over the keys of the
     stages it reads (as flows/pipeline.py chains them)."""
     cfg = load_config("micro", list(overrides))
-    keys = {"synthesis": stage_key("synthesis", synth=cfg.synth, data=data)}
+    keys = {"synthesis": synth_key(cfg.synth, data=data, root=".")}
     keys["stage1"] = stage_key("stage1", train=cfg.stage1, model=cfg.model, synth=keys["synthesis"],
                                data=data)
     keys["filter"] = stage_key("filter", filter=cfg.filter, synth=keys["synthesis"], embedder=keys["stage1"],
@@ -72,6 +72,27 @@ def test_settings_no_stage_reads_change_no_key(base_keys, override):
 def test_a_new_data_version_changes_the_stages_that_read_data(base_keys):
     assert changed(base_keys, recipe_keys(data="0" * 32 + ".dir")) == \
         {"synthesis", "stage1", "filter", "stage2", "merge", "reranker"}
+
+
+def test_a_remade_reused_set_or_edited_prompts_change_synthesis_and_everything_downstream(base_keys, tmp_path,
+                                                                                          monkeypatch):
+    """Two inputs of synthesis are not settings: the folder `synth.reuse` names, which `q3e synth
+    --out` remakes under the same path, and the prompts (tasks/synthesis/prompts.py). Either one
+    changed must not reuse the pairs (and the models) made before it."""
+    from tasks.synthesis import prompts
+
+    everything = set(base_keys)
+    reused = tmp_path / "presynthesised"
+    (reused / "rejected").mkdir(parents=True)
+    (reused / "shard-00000.jsonl").write_text('{"query": "a"}\n')
+    made = recipe_keys(f"synth.reuse={reused}")
+    assert changed(base_keys, made) == everything and recipe_keys(f"synth.reuse={reused}") == made
+    (reused / "rejected" / "rejected-00000.jsonl").write_text('{"query": "b"}\n')
+    remade = recipe_keys(f"synth.reuse={reused}")
+    assert changed(made, remade) == everything
+    monkeypatch.setattr(prompts, "PROMPT_VERSION", prompts.PROMPT_VERSION + "-edited")
+    assert changed(base_keys, recipe_keys()) == everything
+    assert changed(remade, recipe_keys(f"synth.reuse={reused}")) == everything
 
 
 def test_keys_do_not_depend_on_argument_order_or_path_type(monkeypatch):
