@@ -187,6 +187,38 @@ def test_plans_are_deterministic_and_follow_the_mix(shared_data):
     assert [p.kind for p in other] != [p.kind for p in plans]
 
 
+def test_offered_choices_come_in_an_order_drawn_per_passage(shared_data):
+    """A small generator answers with the last configuration example and the first label: each
+    passage sees them in its own seeded order, the same on every call (the prompt is retried and
+    resumed as it was), and the classification schema offers the labels as the prompt lists them."""
+    from tasks.synthesis.shard import _Job, _prompt, _schema
+
+    passages = load_passages([shared_data / PASSAGES], limit=40)
+    cfg = SynthConfig(kinds={"classification": 1}, seed=3)
+    jobs = [_Job(make_plan(p, cfg)) for p in passages]
+
+    def labels(job):
+        text = _prompt(job, "classification", cfg, prefill=False)[-1]["content"]
+        return re.findall(r"^- (.+)$", text.split("**Labels**\n")[1], flags=re.M)
+
+    orders = [labels(j) for j in jobs]
+    assert all(sorted(o) == sorted(cfg.labels) for o in orders)
+    assert orders == [labels(j) for j in jobs]
+    assert len({o[0] for o in orders}) >= 6  # 10 labels, 40 passages: the first one varies
+    assert [_schema(j, "classification", cfg)["properties"]["Label"]["enum"] for j in jobs] == orders
+
+    def examples(job):
+        system = _prompt(job, "configuration", cfg, prefill=False)[0]["content"]
+        return [json.loads(o)["Question_Type"] for o in re.findall(r"\*\*output\*\*:\n(\{.*\})", system)]
+
+    shown = [examples(j) for j in jobs]
+    assert all(sorted(s) == ["acquire_knowledge", "background", "yes_or_no"] for s in shown)
+    assert len({s[-1] for s in shown}) == 3
+    assert shown == [examples(j) for j in jobs]
+    with pytest.raises(ValueError, match="permutation"):
+        configuration_prompt("p", ["c"], "English", example_order=[0, 0, 1])
+
+
 # ----------------------------------------------------------------------------- the local backend
 
 def test_dev_positives_are_never_synthesis_passages(shared_data):

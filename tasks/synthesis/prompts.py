@@ -9,7 +9,7 @@ from typing import Sequence
 
 from tasks.synthesis.generators import Messages
 
-PROMPT_VERSION = "a1-v3"  # bump whenever a template, an example or a validation rule changes
+PROMPT_VERSION = "a1-v4"  # bump whenever a template, an example or a validation rule changes
 
 KINDS = ("retrieval", "bitext", "sts", "classification")
 
@@ -84,10 +84,11 @@ def example_outputs() -> list[str]:
             "A man is playing a guitar on the stage.", "The museum is closed on Mondays.", *_EXAMPLE_PASSAGES]
 
 
-def _configuration_example(i: int) -> str:
+def _configuration_example(i: int, n: int) -> str:
+    """CONFIGURATION_EXAMPLES[i], shown as the n-th example."""
     passage, candidates, output = CONFIGURATION_EXAMPLES[i]
-    return (f"<Example{i + 1}>\n**Passage**:\n{passage}\n**Character**:\n{_characters(candidates)}\n"
-            f"**output**:\n{json.dumps(output, ensure_ascii=False)}\n</Example{i + 1}>")
+    return (f"<Example{n + 1}>\n**Passage**:\n{passage}\n**Character**:\n{_characters(candidates)}\n"
+            f"**output**:\n{json.dumps(output, ensure_ascii=False)}\n</Example{n + 1}>")
 
 
 def _requirement(qtype: str, difficulty: str, length: int, language: str) -> str:
@@ -97,11 +98,16 @@ def _requirement(qtype: str, difficulty: str, length: int, language: str) -> str
 
 
 def configuration_prompt(passage: str, candidates: Sequence[str], language: str, *,
-                         prefill: bool = False) -> Messages:
+                         prefill: bool = False, example_order: Sequence[int] | None = None) -> Messages:
     """Stage 1 of retrieval synthesis: the paper's configuration template (A.1). The instructions
     and examples are the system turn; the **Passage** / **Character** the template says come "from
-    user" are the user turn."""
-    examples = "\n".join(_configuration_example(i) for i in range(len(CONFIGURATION_EXAMPLES)))
+    user" are the user turn. `example_order` shows the examples in that order (shard.py draws one
+    per passage: a small generator answers with the last example's Question_Type and Difficulty)."""
+    order = range(len(CONFIGURATION_EXAMPLES)) if example_order is None else example_order
+    if sorted(order) != list(range(len(CONFIGURATION_EXAMPLES))):
+        raise ValueError(f"example_order must be a permutation of 0..{len(CONFIGURATION_EXAMPLES) - 1}, "
+                         f"got {list(order)}")
+    examples = "\n".join(_configuration_example(i, n) for n, i in enumerate(order))
     system = (
         "Given a **Passage** and **Character**, select the appropriate option from three fields: Character, "
         "Question_Type, Difficulty, and return the output in JSON format.\n"
