@@ -133,6 +133,17 @@ def rerank_score(reranker_dir: Path, embedder_dir: Path, sets: dict, top_k: int,
         reordered = lambda k: np.take_along_axis(top[:, :k], np.argsort(-scores[:, :k], axis=1), axis=1)
         out[name + "/embedder"] = ndcg10_ranked(top, rel)
         out[name + "/reranked"] = ndcg10_ranked(reordered(top_k), rel)
+        # where the reranker gains and loses: queries whose first relevant document is at rank 1, and
+        # how many it moves up or down; and a diagnostic (not the pipeline's score): the z-scored
+        # reranker and embedder scores summed, weight 0.7 on the reranker
+        first = lambda ranked: np.array([next((i for i, j in enumerate(row) if j in r), len(row))
+                                         for row, r in zip(ranked[:, :top_k], rel)])
+        before, after = first(top), first(reordered(top_k))
+        out[name + "/rank1-embedder"], out[name + "/rank1-reranked"] = int((before == 0).sum()), int((after == 0).sum())
+        out[name + "/moved-up"], out[name + "/moved-down"] = int((after < before).sum()), int((after > before).sum())
+        z = lambda x: (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1e-9)
+        fused = 0.7 * z(scores[:, :top_k]) + 0.3 * z(np.take_along_axis(sim, top[:, :top_k], axis=1))
+        out[name + "/fused-diagnostic"] = ndcg10_ranked(np.take_along_axis(top[:, :top_k], np.argsort(-fused, axis=1), axis=1), rel)
         for k in depths or []:
             out[f"{name}/reranked@{k}"] = ndcg10_ranked(reordered(k), rel)
     torch.set_grad_enabled(True)
