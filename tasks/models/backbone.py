@@ -3,6 +3,7 @@ materialising it once as a plain HF folder, its dtype/device/tokenizer, LoRA and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -170,6 +171,20 @@ def torch_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def autocast(cfg: ModelConfig, device: torch.device):
+    """The mixed-precision context of `model.autocast` (nothing when it is null): matrix products in
+    bf16/fp16, what autocast keeps in float32 (norms, softmax, the residual additions) in float32."""
+    if cfg.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch_dtype(cfg.autocast))
+
+
+def _warn_slow_autocast(cfg: ModelConfig, device: torch.device, source: str) -> None:
+    if cfg.autocast == "bfloat16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("%s: model.autocast=bfloat16 on a CPU without bf16 instructions (AVX512-BF16 / AMX) is slower "
+                    "than float32; set model.autocast=null", source)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -252,6 +267,7 @@ def load_wrapped(cls, auto: str, cfg: ModelConfig | str, device, lora: LoraConfi
         truncate_layers(backbone, cfg.num_layers, path)
     if lora is not None and lora.enabled:
         backbone = apply_lora(backbone, lora)
+    _warn_slow_autocast(cfg, device, path)
     return cls(backbone, _load_tokenizer(path, cfg), cfg=cfg, source=path).to(device)
 
 

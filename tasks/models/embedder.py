@@ -15,7 +15,7 @@ from tasks.config import LoraConfig, ModelConfig
 from tasks.data import honour_umask
 from tasks.diskspace import ensure_free_space
 from tasks.losses import truncate_normalize
-from tasks.models.backbone import ModelLoadError, load_wrapped, merged_backbone, single_token_id
+from tasks.models.backbone import ModelLoadError, autocast, load_wrapped, merged_backbone, single_token_id
 from tasks.models.batching import TruncationLog, batch_by_length, pad_left, position_ids_from_mask
 from tasks.models.prompts import format_query
 from tasks.models.saved_model import MODEL_CARD, weights_bytes, write_sentence_transformers_files
@@ -79,8 +79,9 @@ class Embedder(nn.Module):
         return {"input_ids": ids, "attention_mask": mask}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids_from_mask(attention_mask))
+        with autocast(self.cfg, input_ids.device):  # the final norm's output stays in the weights' dtype
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids_from_mask(attention_mask))
         emb = last_token_pool(out.last_hidden_state, attention_mask)
         return F.normalize(emb.float(), dim=-1)
 

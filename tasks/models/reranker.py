@@ -14,7 +14,7 @@ from tasks.config import LoraConfig, ModelConfig
 from tasks.data import honour_umask
 from tasks.diskspace import ensure_free_space
 from tasks.losses import reranker_score
-from tasks.models.backbone import load_wrapped, merged_backbone, single_token_id
+from tasks.models.backbone import autocast, load_wrapped, merged_backbone, single_token_id
 from tasks.models.batching import TruncationLog, batch_by_length, pad_left, position_ids_from_mask
 from tasks.models.prompts import RERANK_PREFIX, RERANK_SUFFIX, format_rerank_body
 from tasks.models.saved_model import MODEL_CARD, export_cross_encoder, weights_bytes
@@ -62,9 +62,19 @@ class Reranker(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, V] next-token logits at the last position (left padding: position -1)."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids_from_mask(attention_mask), logits_to_keep=1)
-        return out.logits[:, -1].float()
+        position_ids = position_ids_from_mask(attention_mask)
+        if self.cfg.autocast is None:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                logits_to_keep=1)
+            return out.logits[:, -1].float()
+        # Mixed precision: the decoder under autocast, the LM head outside it. bf16 logits of ~10 are
+        # 1/16 apart, and yes/no scores that coarse would tie documents the float32 head tells apart.
+        model = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+        with autocast(self.cfg, input_ids.device):
+            hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                         position_ids=position_ids).last_hidden_state
+        head = model.get_output_embeddings()
+        return head(hidden[:, -1].to(head.weight.dtype)).float()
 
     @torch.inference_mode()
     def score(self, queries: Sequence[str], documents: Sequence[str], *, instruction: str | None = None,
