@@ -8,12 +8,13 @@ median of --repeats runs.
 
 Variants of ours, timed against fp32 ours on the same texts and compared to it by cosine (mean
 and min over the texts):
-  bf16      `torch.autocast("cpu", dtype=torch.bfloat16)` around encode (the weights stay fp32)
+  bf16      `model.autocast: bfloat16`, the smol preset's mixed precision: the decoder's matrix
+            products under `torch.autocast("cpu", dtype=torch.bfloat16)`, the weights fp32
   int8      `torch.ao.quantization.quantize_dynamic` of every nn.Linear (int8 weights, dynamic
             int8 activations); embeddings and norms stay fp32
 int8 runs in the main alternation on all texts; bf16 alternates with fp32 ours on the first
---variant-texts texts. A variant counts as helpful only at > 1.2x with min cosine > 0.99 (`helpful` in the JSON); it is
-measured here, nothing in tasks/ uses it. Without AVX512-BF16/AMX, bf16 matmuls are emulated and
+--variant-texts texts. A variant counts as helpful only at > 1.2x with min cosine > 0.99 (`helpful` in the JSON);
+int8 is measured here only, nothing in tasks/ uses it. Without AVX512-BF16/AMX, bf16 matmuls are emulated and
 much slower than fp32, so bf16 runs on --variant-texts texts only (default 16).
 """
 
@@ -135,8 +136,12 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         subset = texts[: args.variant_texts]
 
         def bf16(i):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            fp32 = emb.cfg
+            emb.cfg = fp32.model_copy(update={"autocast": "bfloat16"})
+            try:
                 outs["bf16"] = emb.encode(subset, batch_size=bs, max_length=ml)
+            finally:
+                emb.cfg = fp32
         bf16(-1)
         log(f"variant bf16: {len(subset)} texts")
         vt = harness.alternate({"fp32": ours(subset), "bf16": bf16}, repeats=args.repeats, warmup=0, log=log)

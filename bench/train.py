@@ -8,6 +8,9 @@ scheduler, no Trainer):
   st-mnrl       SentenceTransformer `model(features)` + MultipleNegativesRankingLoss (anchor,
                 positive, negative columns)
   st-cmnrl      the same with CachedMultipleNegativesRankingLoss (mini_batch_size = --chunk)
+  ours-bf16     `ours` with `model.autocast: bfloat16` (mixed precision, the smol preset's setting)
+  st-mnrl-bf16  `st-mnrl` under `torch.autocast("cpu", dtype=torch.bfloat16)` (what the Trainer's
+                bf16=True does)
 
 Same weights (the Embedder is exported with `.save()` and loaded by SentenceTransformer), same
 SNLI triplets (one hard negative each, stage-2 instruction on the queries), same batch and the
@@ -34,7 +37,7 @@ from typing import Any
 from bench import harness
 
 NAME = "train"
-SIDES = ("ours", "ours+gc", "st-mnrl", "st-cmnrl")
+SIDES = ("ours", "ours+gc", "st-mnrl", "st-cmnrl", "ours-bf16", "st-mnrl-bf16")
 BACKBONES = {"micro": "micro", "smollm2": "bundled:smollm2"}
 
 
@@ -116,14 +119,23 @@ class Sides:
                                                             mini_batch_size=chunk)
 
     def step(self, side: str, eb) -> float:
+        import contextlib
+
+        import torch
+
         from tasks.training import embedding_step
 
-        if side in ("ours", "ours+gc"):
-            self.opt.zero_grad(set_to_none=True)
-            loss = embedding_step(self.emb, eb, self.cfg if side == "ours" else self.cfg_gc, 1.0)
-            self.opt.step()
+        if side.startswith("ours"):
+            fp32 = self.emb.cfg
+            if side == "ours-bf16":
+                self.emb.cfg = fp32.model_copy(update={"autocast": "bfloat16"})
+            try:
+                self.opt.zero_grad(set_to_none=True)
+                loss = embedding_step(self.emb, eb, self.cfg_gc if side == "ours+gc" else self.cfg, 1.0)
+                self.opt.step()
+            finally:
+                self.emb.cfg = fp32
             return loss
-        import torch
 
         self.st_opt.zero_grad(set_to_none=True)
         feats = []
@@ -131,8 +143,10 @@ class Sides:
                           ([negs[0] for negs in eb.negatives], self.d_len)):
             self.st.max_seq_length = ml
             feats.append(self.st.preprocess(texts))
-        loss_fn = self.mnrl if side == "st-mnrl" else self.cmnrl
-        loss = loss_fn(feats, torch.empty(0))
+        loss_fn = self.cmnrl if side == "st-cmnrl" else self.mnrl
+        bf16 = side.endswith("-bf16")
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = loss_fn(feats, torch.empty(0))
         loss.backward()
         self.st_opt.step()
         return float(loss.detach())
@@ -210,6 +224,9 @@ def bench_model(model: str, args: argparse.Namespace, peak: dict, log) -> dict[s
         "ours / st-mnrl (throughput)": round(rows["ours"]["pairs_per_s"] / rows["st-mnrl"]["pairs_per_s"], 3),
         "ours+gc / st-cmnrl (throughput)": round(rows["ours+gc"]["pairs_per_s"] / rows["st-cmnrl"]["pairs_per_s"], 3),
         "ours+gc / ours (throughput)": round(rows["ours+gc"]["pairs_per_s"] / rows["ours"]["pairs_per_s"], 3),
+        "ours-bf16 / st-mnrl-bf16 (throughput)": round(
+            rows["ours-bf16"]["pairs_per_s"] / rows["st-mnrl-bf16"]["pairs_per_s"], 3),
+        "ours-bf16 / ours (throughput)": round(rows["ours-bf16"]["pairs_per_s"] / rows["ours"]["pairs_per_s"], 3),
     }
     if memory:
         ratios["ours / st-mnrl (step peak RSS delta)"] = round(

@@ -25,6 +25,8 @@ ARTIFACT_VERSION = "1"
 
 
 def _jsonable(x: Any) -> Any:
+    if hasattr(x, "key_dump"):
+        return x.key_dump()
     if hasattr(x, "model_dump"):
         return x.model_dump(mode="json")
     if isinstance(x, Path):

@@ -76,7 +76,7 @@ def test_the_printed_tables_are_the_records_figures(runs, name):
 def test_train_rates_and_ratios_follow_from_the_step_times(runs):
     r, _ = runs["train"]
     m = r["models"]["micro"]
-    assert list(m["sides"]) == ["ours", "ours+gc", "st-mnrl", "st-cmnrl"]
+    assert list(m["sides"]) == ["ours", "ours+gc", "st-mnrl", "st-cmnrl", "ours-bf16", "st-mnrl-bf16"]
     a, peak, longest = m["arch"], r["matmul_peak"]["best_gflops"], max(m["q_len"], m["d_len"])
     n = a["params_nonembedding"]
     for real, padded, flops in zip(m["real_tokens_per_step"], m["padded_tokens_per_step"],
@@ -97,6 +97,8 @@ def test_train_rates_and_ratios_follow_from_the_step_times(runs):
         "ours / st-mnrl (throughput)": round(pps["ours"] / pps["st-mnrl"], 3),
         "ours+gc / st-cmnrl (throughput)": round(pps["ours+gc"] / pps["st-cmnrl"], 3),
         "ours+gc / ours (throughput)": round(pps["ours+gc"] / pps["ours"], 3),
+        "ours-bf16 / st-mnrl-bf16 (throughput)": round(pps["ours-bf16"] / pps["st-mnrl-bf16"], 3),
+        "ours-bf16 / ours (throughput)": round(pps["ours-bf16"] / pps["ours"], 3),
     }
 
 

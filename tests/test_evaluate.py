@@ -389,3 +389,25 @@ def test_cli_eval_micro_and_bad_task_dir(shared_data, tmp_path, monkeypatch):
 
     res = runner.invoke(app, ["eval", "micro"])
     assert res.exit_code == 1 and "nothing to evaluate" in res.output
+
+
+def test_eval_autocast_scores_in_bf16_under_its_own_revision_and_leaves_the_model_alone(
+        micro_embedder, micro_reranker, shared_data, tmp_path):
+    """eval.autocast: the embedder and the reranker encode with bf16 matrix products; the record's
+    revision (the embedding cache's namespace) is not float32's, and the live models keep their own
+    setting."""
+    cfg = EvalConfig(task_dirs=[str(shared_data / "beir/nq-msmarco-hardneg")], max_queries=6, max_corpus=60,
+                     rerank_top_k=5)
+    runs = {}
+    for autocast in (None, "bfloat16"):
+        out = tmp_path / f"{autocast}.json"
+        evaluate_model(micro_embedder, cfg.model_copy(update={"autocast": autocast}), reranker=micro_reranker,
+                       out=out, embedding_cache=tmp_path / "emb", show=False)
+        runs[autocast] = json.loads(out.read_text())
+    fp32, bf16 = runs[None], runs["bfloat16"]
+    assert micro_embedder.cfg.autocast is None and micro_reranker.cfg.autocast is None
+    assert bf16["revision"] != fp32["revision"] and bf16["reranker_revision"] != fp32["reranker_revision"]
+    assert bf16["revision"] == parameters_fingerprint(
+        micro_embedder, micro_embedder.cfg.model_copy(update={"autocast": "bfloat16"}).model_dump_json())
+    for task in ("nq-msmarco-hardneg", "nq-msmarco-hardneg/rerank"):  # close, not bit-equal
+        assert bf16["results"][task]["ndcg_at_10"] == pytest.approx(fp32["results"][task]["ndcg_at_10"], abs=0.15)

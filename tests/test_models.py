@@ -198,3 +198,41 @@ def test_a_damaged_weights_file_is_named(micro_cfg, tmp_path):
     os.truncate(folder / "model.safetensors", 1000)
     with pytest.raises(ModelLoadError, match=r"m/model.safetensors: damaged weights file"):
         Embedder.load(str(folder))
+
+
+def _linear_output_dtypes(model, run) -> set[torch.dtype]:
+    """dtypes of every decoder MLP projection's output while `run()` runs."""
+    seen: set[torch.dtype] = set()
+    hooks = [m.register_forward_hook(lambda mod, i, o: seen.add(o.dtype))
+             for n, m in model.backbone.named_modules() if n.endswith("mlp.down_proj")]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def test_autocast_runs_the_decoder_in_bf16_and_keeps_the_embedding_float32(micro_cfg, micro_embedder, tmp_path):
+    mixed = Embedder.load(micro_cfg.model.model_copy(update={"autocast": "bfloat16"}), device="cpu")
+    assert _linear_output_dtypes(micro_embedder, lambda: micro_embedder.encode(TEXTS)) == {torch.float32}
+    assert _linear_output_dtypes(mixed, lambda: mixed.encode(TEXTS)) == {torch.bfloat16}
+    ref, out = micro_embedder.encode(TEXTS), mixed.encode(TEXTS)
+    assert out.dtype == np.float32 and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+    cos = (ref * out).sum(1)
+    assert (cos > 0.99).all() and not np.array_equal(ref, out), cos  # bf16 products: close, not equal
+    # the setting travels with the saved model, so evaluation encodes as training did
+    again = Embedder.load(str(mixed.save(tmp_path / "mixed")), device="cpu")
+    assert again.cfg.autocast == "bfloat16" and np.array_equal(again.encode(TEXTS), out)
+
+
+def test_autocast_reranker_reads_yes_no_from_a_float32_head(micro_cfg, micro_reranker):
+    mixed = Reranker.load(micro_cfg.model.model_copy(update={"autocast": "bfloat16"}), device="cpu")
+    qs, ds = ["q one", "a longer query two", "q three"], ["doc", "another document here", "a third text"]
+    assert _linear_output_dtypes(mixed, lambda: mixed.score(qs, ds)) == {torch.bfloat16}
+    input_ids, mask = pad_left(mixed.token_ids(qs, ds), mixed.pad_id, "cpu")
+    with torch.no_grad():
+        logits = mixed(input_ids, mask)
+    # a bf16 head would round logits to 8 bits of mantissa, and near scores would tie
+    assert logits.dtype == torch.float32 and not torch.equal(logits, logits.bfloat16().float())
+    assert np.allclose(mixed.score(qs, ds), micro_reranker.score(qs, ds), atol=5e-3)

@@ -257,3 +257,14 @@ def test_a_stage_called_without_a_placement_takes_its_configs_request():
     assert Placement.requested(cfg) == Placement(3, 0.5, 0.25) and Placement.requested(cfg).total_cpus == 2
     with pytest.raises(ValueError, match="actors >= 1"):
         Placement(0)
+
+
+def test_a_setting_added_later_keeps_earlier_stage_keys_at_its_neutral_value(micro_cfg):
+    """model.autocast came after stage keys: left at null (what every stage computed before it), the
+    key is the one a run before it recorded, so its cached stages stay valid; set, it is a new key."""
+    model = micro_cfg.model
+    earlier = model.model_dump(mode="json")
+    del earlier["autocast"]  # the model settings as stage keys saw them before the option existed
+    assert stage_key("stage1", model=model) == stage_key("stage1", model=earlier)
+    assert stage_key("stage1", model=model.model_copy(update={"autocast": "bfloat16"})) != stage_key(
+        "stage1", model=model)

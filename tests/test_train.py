@@ -33,11 +33,13 @@ def _mrr(model: Embedder, pairs) -> float:
     return float(np.mean([1 / (1 + int(np.where(ranks[i] == i)[0][0])) for i in range(len(pairs))]))
 
 
-def test_micro_model_learns_to_retrieve_its_training_positives(micro_cfg, snli_pairs, tmp_path):
-    before = _mrr(Embedder.load(micro_cfg.model, device="cpu"), snli_pairs)
+@pytest.mark.parametrize("autocast", [None, "bfloat16"])
+def test_micro_model_learns_to_retrieve_its_training_positives(micro_cfg, snli_pairs, tmp_path, autocast):
+    model_cfg = micro_cfg.model.model_copy(update={"autocast": autocast})
+    before = _mrr(Embedder.load(model_cfg, device="cpu"), snli_pairs)
     cfg = micro_cfg.stage2.model_copy(update={"steps": 40, "batch_size": 16, "hard_negatives": 1,
                                               "checkpoint_every": 20, "lr": 2e-3, "warmup_ratio": 0.05})
-    res = train(cfg, micro_cfg.model, tmp_path / "run", pairs=snli_pairs, progress=False)
+    res = train(cfg, model_cfg, tmp_path / "run", pairs=snli_pairs, progress=False)
     after = _mrr(Embedder.load(str(res.final), device="cpu"), snli_pairs)
     first = np.mean([h["loss"] for h in res.history[:5]])
     last = np.mean([h["loss"] for h in res.history[-5:]])
@@ -52,21 +54,23 @@ def _weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_resume_gives_bit_identical_weights(micro_cfg, snli_pairs, tmp_path):
+@pytest.mark.parametrize("autocast", [None, "bfloat16"])
+def test_resume_gives_bit_identical_weights(micro_cfg, snli_pairs, tmp_path, autocast):
     cfg = micro_cfg.stage2.model_copy(update={"steps": 6, "batch_size": 8, "checkpoint_every": 2,
                                               "hard_negatives": 1})
-    full = train(cfg, micro_cfg.model, tmp_path / "full", pairs=snli_pairs, progress=False)
+    model_cfg = micro_cfg.model.model_copy(update={"autocast": autocast})
+    full = train(cfg, model_cfg, tmp_path / "full", pairs=snli_pairs, progress=False)
     with pytest.raises(TrainingInterrupted):
-        train(cfg, micro_cfg.model, tmp_path / "cut", pairs=snli_pairs, progress=False, stop_after=3)
+        train(cfg, model_cfg, tmp_path / "cut", pairs=snli_pairs, progress=False, stop_after=3)
     assert [c.name for c in list_checkpoints(tmp_path / "cut")] == ["step-000002"]
     # a crash while writing the next checkpoint leaves a .tmp folder: it must be ignored
     (tmp_path / "cut" / "checkpoints" / "step-000004.tmp").mkdir()
-    resumed = train(cfg, micro_cfg.model, tmp_path / "cut", pairs=snli_pairs, progress=False)
+    resumed = train(cfg, model_cfg, tmp_path / "cut", pairs=snli_pairs, progress=False)
     assert resumed.resumed_from == 2
     a, b = _weights(full.final), _weights(resumed.final)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
-    again = train(cfg, micro_cfg.model, tmp_path / "cut", pairs=snli_pairs, progress=False)
+    again = train(cfg, model_cfg, tmp_path / "cut", pairs=snli_pairs, progress=False)
     assert again.skipped
 
 
@@ -144,12 +148,15 @@ def test_lora_stage_trains_adapters_and_exports_a_merged_model(micro_cfg, snli_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_reranker_learns_yes_for_positives(micro_cfg, snli_pairs, tmp_path):
+@pytest.mark.parametrize("autocast", [None, "bfloat16"])
+def test_reranker_learns_yes_for_positives(micro_cfg, snli_pairs, tmp_path, autocast):
     pairs = snli_pairs[:16]
     cfg = micro_cfg.reranker.model_copy(update={"steps": 30, "batch_size": 8, "hard_negatives": 1,
                                                 "lr": 2e-3, "checkpoint_every": 15})
-    res = train(cfg, micro_cfg.model, tmp_path / "rr", pairs=pairs, progress=False)
+    res = train(cfg, micro_cfg.model.model_copy(update={"autocast": autocast}), tmp_path / "rr", pairs=pairs,
+                progress=False)
     model = Reranker.load(str(res.final), device="cpu")
+    assert model.cfg.autocast == autocast
     pos = model.score([p.query for p in pairs], [p.positive for p in pairs])
     neg = model.score([p.query for p in pairs], [p.negatives[0] for p in pairs])
     assert res.history[-1]["loss"] < res.history[0]["loss"]

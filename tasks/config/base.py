@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
@@ -18,6 +18,18 @@ class ConfigError(ValueError):
 class Strict(BaseModel):
     # no unknown keys, no inf/nan (`loss.temperature=inf`), no true/false for a number (`steps=true`)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+    # Settings added after stage keys existed, each with the value that computes what the stages did
+    # before it: a stage key leaves such a setting out at that value (tasks.stages.stage_key), so a
+    # new option left off keeps every earlier run's stages cached.
+    KEY_NEUTRAL: ClassVar[dict[str, Any]] = {}
+
+    def key_dump(self) -> dict[str, Any]:
+        """model_dump(mode="json") less the KEY_NEUTRAL settings at their neutral value."""
+        out = self.model_dump(mode="json")
+        for name, neutral in self.KEY_NEUTRAL.items():
+            if out.get(name, neutral) == neutral:
+                out.pop(name, None)
+        return out
 
     @field_validator("*", mode="before")
     @classmethod

@@ -58,6 +58,8 @@ class ModelConfig(Strict):
                                                           "(its final norm stays); null = all")
     micro: MicroConfig
 
+    KEY_NEUTRAL = {"autocast": None}
+
 
 # ----------------------------------------------------------------------------- training
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -181,12 +183,24 @@ class LoadedModel:
     fingerprint: str
 
 
+def _with_autocast(model, autocast: str | None):
+    """`model` (an Embedder or Reranker) encoding under `autocast` (eval.autocast; None = its own
+    model.autocast). A live model is copied, not changed: the copy shares its weights."""
+    if autocast is None or model.cfg.autocast == autocast:
+        return model
+    model = copy.copy(model)
+    model.cfg = model.cfg.model_copy(update={"autocast": autocast})
+    return model
+
+
 def load_embedding_model(spec: str | Path | ModelConfig | Embedder, *, device=None,
-                         revision: str | None = None) -> LoadedModel:
+                         revision: str | None = None, autocast: str | None = None) -> LoadedModel:
     """A saved model folder, `micro`, `bundled:smollm2`, `bundled:all-minilm-l6-v2` (SentenceTransformer),
     `st:<path or hub name>` (SentenceTransformer), a hub name, a ModelConfig, or a live Embedder
-    (the spec is read by `tasks.models.specs`, as in the filter)."""
+    (the spec is read by `tasks.models.specs`, as in the filter). `autocast` (eval.autocast) applies to
+    an Embedder; the fingerprint, and so the embedding cache, tells its precisions apart."""
     if isinstance(spec, Embedder):
+        spec = _with_autocast(spec, autocast)
         return LoadedModel(spec, slug(Path(spec.source).name or "embedder"),
                            revision or parameters_fingerprint(spec, spec.cfg.model_dump_json()))
     st_path = sentence_transformers_source(spec)
@@ -196,7 +210,7 @@ def load_embedding_model(spec: str | Path | ModelConfig | Embedder, *, device=No
         text = str(spec)
         name = text.split(":", 1)[1] if ":" in text else Path(st_path).name
         return LoadedModel(model, slug(name), fp)
-    emb = Embedder.load(spec, device=device)
+    emb = _with_autocast(Embedder.load(spec, device=device), autocast)
     cfg_json = emb.cfg.model_dump_json(exclude={"backbone"})
     if Path(emb.source).exists():
         fp = folder_fingerprint(emb.source, cfg_json)
@@ -208,11 +222,13 @@ def load_embedding_model(spec: str | Path | ModelConfig | Embedder, *, device=No
     return LoadedModel(emb, slug(name), revision or fp)
 
 
-def load_reranker_model(spec: str | Path | ModelConfig | Reranker, *, device=None) -> LoadedModel:
+def load_reranker_model(spec: str | Path | ModelConfig | Reranker, *, device=None,
+                        autocast: str | None = None) -> LoadedModel:
     if isinstance(spec, Reranker):
+        spec = _with_autocast(spec, autocast)
         return LoadedModel(spec, slug(Path(spec.source).name or "reranker"),
                            parameters_fingerprint(spec, spec.cfg.model_dump_json()))
-    rr = Reranker.load(spec, device=device)
+    rr = _with_autocast(Reranker.load(spec, device=device), autocast)
     fp = (folder_fingerprint(rr.source, rr.cfg.model_dump_json(exclude={"backbone"}))
           if Path(rr.source).exists() else slug(rr.source))
     spec_name = spec.backbone if isinstance(spec, ModelConfig) else str(spec)
@@ -232,21 +248,22 @@ def model_settings(model, *, max_query_length: int | None = None, max_doc_length
 def as_mteb_encoder(model, *, prompts: TaskPrompts | None = None, dim: int | None = None,
                     batch_size: int = 32, cache: EmbeddingCache | None = None, device=None,
                     revision: str | None = None, symmetric: Sequence[str] = (),
-                    max_query_length: int | None = None, max_doc_length: int | None = None):
+                    max_query_length: int | None = None, max_doc_length: int | None = None,
+                    autocast: str | None = None):
     """Anything `evaluate_model` accepts -> an mteb encoder. An object that already carries
     `mteb_model_meta` (e.g. a test's oracle encoder) is used as is."""
     if hasattr(model, "mteb_model_meta") and not isinstance(model, (Embedder, Reranker)):
         return model
-    loaded = load_embedding_model(model, device=device, revision=revision)
+    loaded = load_embedding_model(model, device=device, revision=revision, autocast=autocast)
     return MtebEmbedder(loaded.model, name=loaded.name, fingerprint=loaded.fingerprint, prompts=prompts,
                         dim=dim, batch_size=batch_size, cache=cache, symmetric=symmetric,
                         max_query_length=max_query_length, max_doc_length=max_doc_length)
 
 
 def as_mteb_reranker(model, *, prompts: TaskPrompts | None = None, batch_size: int = 16, device=None,
-                     max_length: int | None = None):
+                     max_length: int | None = None, autocast: str | None = None):
     if hasattr(model, "mteb_model_meta") and hasattr(model, "predict"):
         return model
-    loaded = load_reranker_model(model, device=device)
+    loaded = load_reranker_model(model, device=device, autocast=autocast)
     return MtebReranker(loaded.model, name=loaded.name, fingerprint=loaded.fingerprint, prompts=prompts,
                         batch_size=batch_size, max_length=max_length)

@@ -277,9 +277,10 @@ def evaluation_record(
         cache = EmbeddingCache(embedding_cache) if embedding_cache else None
     encoder = as_mteb_encoder(model, prompts=table, dim=dim, batch_size=cfg.batch_size, cache=cache,
                               device=device, revision=revision, symmetric=cfg.symmetric,
-                              max_query_length=cfg.max_query_length, max_doc_length=cfg.max_doc_length)
-    rr = as_mteb_reranker(reranker, prompts=table, device=device,
-                          max_length=cfg.max_rerank_length) if reranker is not None else None
+                              max_query_length=cfg.max_query_length, max_doc_length=cfg.max_doc_length,
+                              autocast=cfg.autocast)
+    rr = as_mteb_reranker(reranker, prompts=table, device=device, max_length=cfg.max_rerank_length,
+                          autocast=cfg.autocast) if reranker is not None else None
     first_stage = None
     if cfg.first_stage and rr is None:
         log.warning("eval.first_stage %s is not used: there is no reranker", cfg.first_stage)
