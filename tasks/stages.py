@@ -123,6 +123,10 @@ def eval_key(cfg: EvalConfig, *, model: str, reranker: str | None, data: str, ro
     inputs: dict[str, Any] = {"prompts": file_digest(PROMPTS_FILE, "task prompts")}
     if cfg.first_stage and reranker is not None:  # only the reranked scores read it
         inputs["first_stage"] = file_digest(resolve_path(cfg.first_stage, root), "eval.first_stage")
+    # eval.autocast `auto` as this machine resolves it: bf16 and float32 scores get their own keys
+    from tasks.models.backbone import default_device, resolve_autocast
+
+    cfg = cfg.model_copy(update={"autocast": resolve_autocast(cfg.autocast, default_device())})
     return stage_key("eval", eval=cfg, model=model, reranker=reranker, data=data, **inputs)
 
 

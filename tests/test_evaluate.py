@@ -406,6 +406,7 @@ def test_eval_autocast_scores_in_bf16_under_its_own_revision_and_leaves_the_mode
         runs[autocast] = json.loads(out.read_text())
     fp32, bf16 = runs[None], runs["bfloat16"]
     assert micro_embedder.cfg.autocast is None and micro_reranker.cfg.autocast is None
+    assert fp32["model_settings"]["autocast"] is None and bf16["model_settings"]["autocast"] == "bfloat16"
     assert bf16["revision"] != fp32["revision"] and bf16["reranker_revision"] != fp32["reranker_revision"]
     assert bf16["revision"] == parameters_fingerprint(
         micro_embedder, micro_embedder.cfg.model_copy(update={"autocast": "bfloat16"}).model_dump_json())

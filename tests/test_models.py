@@ -236,3 +236,14 @@ def test_autocast_reranker_reads_yes_no_from_a_float32_head(micro_cfg, micro_rer
     # a bf16 head would round logits to 8 bits of mantissa, and near scores would tie
     assert logits.dtype == torch.float32 and not torch.equal(logits, logits.bfloat16().float())
     assert np.allclose(mixed.score(qs, ds), micro_reranker.score(qs, ds), atol=5e-3)
+
+
+def test_autocast_auto_is_bf16_only_where_the_device_has_it_natively(micro_cfg, monkeypatch):
+    from tasks.models import backbone
+
+    for native in (True, False):
+        monkeypatch.setattr(backbone, "native_bf16", lambda device, native=native: native)
+        model = Embedder.load(micro_cfg.model.model_copy(update={"autocast": "auto"}), device="cpu")
+        assert model.cfg.autocast == ("bfloat16" if native else None)  # the card says what it ran with
+        assert backbone.resolve_autocast("auto", "cpu") == model.cfg.autocast
+        assert backbone.resolve_autocast("float16", "cpu") == "float16" and backbone.resolve_autocast(None, "cpu") is None

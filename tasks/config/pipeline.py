@@ -152,9 +152,10 @@ class EvalConfig(Strict):
     max_doc_length: int | None = Field(gt=1, description="tokens kept of a document; null = model.max_doc_length")
     max_rerank_length: int | None = Field(gt=16, description="tokens of a reranker input; null = "
                                           "model.max_rerank_length")
-    autocast: Literal["bfloat16", "float16"] | None = Field(
+    autocast: Literal["auto", "bfloat16", "float16"] | None = Field(
         description="mixed precision of the evaluated embedder and reranker (torch.autocast around the "
-                    "decoder, as model.autocast), whatever they were trained with; null = their own model.autocast")
+                    "decoder, as model.autocast), whatever they were trained with; auto = bfloat16 where the device has bf16 matrix "
+                    "instructions, else their own; null = their own model.autocast")
     resources: Resources
 
     KEY_NEUTRAL = {"autocast": None}

@@ -44,9 +44,10 @@ class ModelConfig(Strict):
     gguf_file: str | None
     revision: str | None
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
-    autocast: Literal["bfloat16", "float16"] | None = Field(
+    autocast: Literal["auto", "bfloat16", "float16"] | None = Field(
         description="mixed precision: the decoder's matrix products in this dtype under torch.autocast, "
-                    "the weights, norms, residual stream, embedding, yes/no logits and loss in `dtype`; null = off")
+                    "the weights, norms, residual stream, embedding, yes/no logits and loss in `dtype`; auto = "
+                    "bfloat16 where the device has bf16 matrix instructions, else off; null = off")
     trust_remote_code: bool
     attn_implementation: str | None
     end_token: str

@@ -20,6 +20,7 @@ from tasks.evaluation.cache import EmbeddingCache
 from tasks.evaluation.fingerprints import folder_fingerprint, parameters_fingerprint, slug
 from tasks.evaluation.prompts import TaskPrompts
 from tasks.models import Embedder, Reranker
+from tasks.models.backbone import resolve_autocast
 from tasks.models.specs import load_sentence_transformer, sentence_transformers_source
 
 log = logging.getLogger(__name__)
@@ -184,8 +185,10 @@ class LoadedModel:
 
 
 def _with_autocast(model, autocast: str | None):
-    """`model` (an Embedder or Reranker) encoding under `autocast` (eval.autocast; None = its own
-    model.autocast). A live model is copied, not changed: the copy shares its weights."""
+    """`model` (an Embedder or Reranker) encoding under `autocast` (eval.autocast; None, or `auto` on a
+    device without native bf16 = its own model.autocast). A live model is copied, not changed: the copy
+    shares its weights."""
+    autocast = resolve_autocast(autocast, model.device)
     if autocast is None or model.cfg.autocast == autocast:
         return model
     model = copy.copy(model)
@@ -237,12 +240,13 @@ def load_reranker_model(spec: str | Path | ModelConfig | Reranker, *, device=Non
 
 def model_settings(model, *, max_query_length: int | None = None, max_doc_length: int | None = None) -> dict | None:
     """The settings an Embedder is scored with (layers kept, max lengths: the eval.max_*_length given,
-    else the model's own); None for other models."""
+    else the model's own; mixed precision, null = float32); None for other models."""
     if not isinstance(model, Embedder):
         return None
     return {"num_layers": model.backbone.config.num_hidden_layers,
             "max_query_length": max_query_length or model.cfg.max_query_length,
-            "max_doc_length": max_doc_length or model.cfg.max_doc_length}
+            "max_doc_length": max_doc_length or model.cfg.max_doc_length,
+            "autocast": model.cfg.autocast}
 
 
 def as_mteb_encoder(model, *, prompts: TaskPrompts | None = None, dim: int | None = None,

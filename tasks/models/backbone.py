@@ -171,18 +171,36 @@ def torch_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: a CUDA GPU with bf16, a CPU with
+    AVX512-BF16 or AMX. Elsewhere torch emulates bf16, several times slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_autocast(value: str | None, device: torch.device | str) -> str | None:
+    """`model.autocast` / `eval.autocast` as used on `device`: `auto` is bfloat16 where the device has
+    it natively (`native_bf16`), else null; other values as given."""
+    if value != "auto":
+        return value
+    return "bfloat16" if native_bf16(device) else None
+
+
 def autocast(cfg: ModelConfig, device: torch.device):
     """The mixed-precision context of `model.autocast` (nothing when it is null): matrix products in
     bf16/fp16, what autocast keeps in float32 (norms, softmax, the residual additions) in float32."""
-    if cfg.autocast is None:
+    value = resolve_autocast(cfg.autocast, device)
+    if value is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch_dtype(cfg.autocast))
+    return torch.autocast(device.type, dtype=torch_dtype(value))
 
 
 def _warn_slow_autocast(cfg: ModelConfig, device: torch.device, source: str) -> None:
-    if cfg.autocast == "bfloat16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        log.warning("%s: model.autocast=bfloat16 on a CPU without bf16 instructions (AVX512-BF16 / AMX) is slower "
-                    "than float32; set model.autocast=null", source)
+    if cfg.autocast == "bfloat16" and not native_bf16(device):
+        log.warning("%s: model.autocast=bfloat16 on a device without bf16 matrix instructions (a CPU without "
+                    "AVX512-BF16 / AMX) is several times slower than float32; set model.autocast=auto or null", source)
 
 
 def default_device() -> torch.device:
@@ -246,6 +264,8 @@ def load_wrapped(cls, auto: str, cfg: ModelConfig | str, device, lora: LoraConfi
 
     cfg = resolve_model_config(cfg)
     device = torch.device(device) if device else default_device()
+    if cfg.autocast == "auto":  # the model says what it runs with here (its card, the evaluation's key)
+        cfg = cfg.model_copy(update={"autocast": resolve_autocast(cfg.autocast, device)})
     path = resolve_backbone(cfg)
     try:
         backbone = getattr(transformers, auto).from_pretrained(path, **_load_kwargs(cfg, device))
