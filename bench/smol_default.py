@@ -82,13 +82,15 @@ def ndcg10(q: np.ndarray, d: np.ndarray, rel: list[set[int]]) -> float:
     return ndcg10_ranked(np.argsort(-(q @ d.T), axis=1), rel)
 
 
-def score(model_dir: Path, sets: dict, batch_size: int = 32) -> dict[str, float]:
+def score(model_dir: Path, sets: dict, batch_size: int = 32, autocast: str | None = None) -> dict[str, float]:
+    """nDCG@10 per set, encoding under `autocast` (the preset's eval.autocast, as the pipeline scores)."""
     import torch
 
+    from tasks.evaluation.encoders import with_autocast
     from tasks.models import Embedder
 
     torch.set_grad_enabled(False)
-    model = Embedder.load(str(model_dir))
+    model = with_autocast(Embedder.load(str(model_dir)), autocast)
     out = {}
     for name, (queries, corpus, rel, instruction) in sets.items():
         d = model.encode(corpus, batch_size=batch_size)
@@ -111,16 +113,18 @@ def score(model_dir: Path, sets: dict, batch_size: int = 32) -> dict[str, float]
 
 
 def rerank_score(reranker_dir: Path, embedder_dir: Path, sets: dict, top_k: int,
-                 depths: list[int] | None = None) -> dict[str, float]:
+                 depths: list[int] | None = None, autocast: str | None = None) -> dict[str, float]:
     """nDCG@10 of the embedder's ranking and of the reranker's order of its top_k, per set; with
     `depths`, also of the reranker's order of the top k for each k listed (scored once, at the
     deepest)."""
     import torch
 
+    from tasks.evaluation.encoders import with_autocast
     from tasks.models import Embedder, Reranker
 
     torch.set_grad_enabled(False)
-    emb, rr, out = Embedder.load(str(embedder_dir)), Reranker.load(str(reranker_dir)), {}
+    emb = with_autocast(Embedder.load(str(embedder_dir)), autocast)
+    rr, out = with_autocast(Reranker.load(str(reranker_dir)), autocast), {}
     deepest = max([top_k, *(depths or [])])
     for name, (queries, corpus, rel, instruction) in sets.items():
         # STS-B symmetric, as the pipeline's evaluation ranks it (eval.symmetric)
@@ -205,7 +209,8 @@ def main(argv=None) -> dict:
     depths = [int(k) for k in args.depths.split(",") if k]
     if args.no_train and args.stage == "reranker":
         t0 = time.perf_counter()
-        results["checkpoints"]["init"] = rerank_score(Path(args.init), Path(args.first_stage), sets, args.top_k, depths)
+        results["checkpoints"]["init"] = rerank_score(Path(args.init), Path(args.first_stage), sets, args.top_k,
+                                                      depths, cfg.eval.autocast)
         results["eval_s"] = time.perf_counter() - t0
         print("init", json.dumps(results["checkpoints"]["init"]), flush=True)
     elif args.no_train:
@@ -215,7 +220,7 @@ def main(argv=None) -> dict:
         if not (target / "config.json").is_file():
             Embedder.load(args.init or cfg.model).save(target)
         t0 = time.perf_counter()
-        results["checkpoints"]["init"] = score(target, sets)
+        results["checkpoints"]["init"] = score(target, sets, autocast=cfg.eval.autocast)
         results["eval_s"] = time.perf_counter() - t0
         print("init", json.dumps(results["checkpoints"]["init"]), flush=True)
     else:
@@ -234,8 +239,9 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         for ck in [*(res.checkpoints[:-1] if args.all_checkpoints else []), res.final]:
             name = ck.parent.name if ck.name == "model" else ck.name
-            results["checkpoints"][name] = (rerank_score(ck, Path(args.first_stage), sets, args.top_k, depths)
-                                            if args.stage == "reranker" else score(ck, sets))
+            results["checkpoints"][name] = (
+                rerank_score(ck, Path(args.first_stage), sets, args.top_k, depths, cfg.eval.autocast)
+                if args.stage == "reranker" else score(ck, sets, autocast=cfg.eval.autocast))
             print(name, json.dumps(results["checkpoints"][name]), flush=True)
         for steps in args.merge:
             from tasks.merge import slerp_merge
@@ -248,8 +254,9 @@ def main(argv=None) -> dict:
                                  "(raise keep_checkpoints, or checkpoint_every to divide them)")
             name = "merge-" + "-".join(map(str, wanted))
             merged = slerp_merge([by_step[s] for s in wanted], args.out / name)
-            results["checkpoints"][name] = (rerank_score(merged, Path(args.first_stage), sets, args.top_k, depths)
-                                            if args.stage == "reranker" else score(merged, sets))
+            results["checkpoints"][name] = (
+                rerank_score(merged, Path(args.first_stage), sets, args.top_k, depths, cfg.eval.autocast)
+                if args.stage == "reranker" else score(merged, sets, autocast=cfg.eval.autocast))
             print(name, json.dumps(results["checkpoints"][name]), flush=True)
         results["eval_s"] = time.perf_counter() - t0
     (args.out / "results.json").write_text(json.dumps(results, indent=2))

@@ -184,7 +184,7 @@ class LoadedModel:
     fingerprint: str
 
 
-def _with_autocast(model, autocast: str | None):
+def with_autocast(model, autocast: str | None):
     """`model` (an Embedder or Reranker) encoding under `autocast` (eval.autocast; None, or `auto` on a
     device without native bf16 = its own model.autocast). A live model is copied, not changed: the copy
     shares its weights."""
@@ -203,7 +203,7 @@ def load_embedding_model(spec: str | Path | ModelConfig | Embedder, *, device=No
     (the spec is read by `tasks.models.specs`, as in the filter). `autocast` (eval.autocast) applies to
     an Embedder; the fingerprint, and so the embedding cache, tells its precisions apart."""
     if isinstance(spec, Embedder):
-        spec = _with_autocast(spec, autocast)
+        spec = with_autocast(spec, autocast)
         return LoadedModel(spec, slug(Path(spec.source).name or "embedder"),
                            revision or parameters_fingerprint(spec, spec.cfg.model_dump_json()))
     st_path = sentence_transformers_source(spec)
@@ -213,7 +213,7 @@ def load_embedding_model(spec: str | Path | ModelConfig | Embedder, *, device=No
         text = str(spec)
         name = text.split(":", 1)[1] if ":" in text else Path(st_path).name
         return LoadedModel(model, slug(name), fp)
-    emb = _with_autocast(Embedder.load(spec, device=device), autocast)
+    emb = with_autocast(Embedder.load(spec, device=device), autocast)
     cfg_json = emb.cfg.model_dump_json(exclude={"backbone"})
     if Path(emb.source).exists():
         fp = folder_fingerprint(emb.source, cfg_json)
@@ -228,10 +228,10 @@ def load_embedding_model(spec: str | Path | ModelConfig | Embedder, *, device=No
 def load_reranker_model(spec: str | Path | ModelConfig | Reranker, *, device=None,
                         autocast: str | None = None) -> LoadedModel:
     if isinstance(spec, Reranker):
-        spec = _with_autocast(spec, autocast)
+        spec = with_autocast(spec, autocast)
         return LoadedModel(spec, slug(Path(spec.source).name or "reranker"),
                            parameters_fingerprint(spec, spec.cfg.model_dump_json()))
-    rr = _with_autocast(Reranker.load(spec, device=device), autocast)
+    rr = with_autocast(Reranker.load(spec, device=device), autocast)
     fp = (folder_fingerprint(rr.source, rr.cfg.model_dump_json(exclude={"backbone"}))
           if Path(rr.source).exists() else slug(rr.source))
     spec_name = spec.backbone if isinstance(spec, ModelConfig) else str(spec)
