@@ -154,8 +154,8 @@ class EvalConfig(Strict):
                                           "model.max_rerank_length")
     autocast: Literal["auto", "bfloat16", "float16"] | None = Field(
         description="mixed precision of the evaluated embedder and reranker (torch.autocast around the "
-                    "decoder, as model.autocast), whatever they were trained with; auto = bfloat16 where the device has bf16 matrix "
-                    "instructions, else their own; null = their own model.autocast")
+                    "decoder, as model.autocast), whatever they were trained with; auto = bfloat16 where "
+                    "the device has bf16 matrix instructions, else their own; null = their own model.autocast")
     resources: Resources
 
     KEY_NEUTRAL = {"autocast": None}
