@@ -35,7 +35,8 @@ from tasks import lineage, report, tracking
 from tasks.config import ModelConfig, PipelineConfig, Resources, TrainConfig, flatten, load_config
 from tasks.distributed import init_ray, place_actors, run_remote
 from tasks.stages import (
-    StageDir, eval_key, merge_stage, stage_dir, stage_key, synth_key, timed, train_resources, train_stage,
+    StageDir, eval_key, key_model, merge_stage, stage_dir, stage_key, synth_key, timed, train_key,
+    train_resources, train_stage,
 )
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def stage1(ctx: Context, synth: dict | None) -> dict | None:
     if synth["n_accepted"] == 0:
         run_logger().warning("stage1: synthesis accepted no pairs (see %s); skipping stage 1", synth["stats"])
         return None
-    key = stage_key("stage1", train=cfg.stage1, model=cfg.model, synth=synth["key"], data=ctx.data_md5,
+    key = train_key("stage1", train=cfg.stage1, model=cfg.model, synth=synth["key"], data=ctx.data_md5,
                     **catalog_inputs(cfg.stage1, ctx))
     sd = stage_dir(ctx.artifacts, "stage1", key)
     return run_stage.with_options(name=sd.name)(
@@ -209,7 +210,8 @@ def filtering(ctx: Context, synth: dict | None, s1: dict | None) -> dict | None:
     if embedder is None:  # no stage-1 model (e.g. stage 1 switched off): score with the backbone
         embedder = cfg.model.backbone
     key = stage_key("filter", filter=cfg.filter, synth=synth["key"], embedder=s1["key"] if s1 and not
-                    cfg.filter.embedder else embedder, model=cfg.model)
+                    cfg.filter.embedder else embedder,
+                    model=key_model(cfg.model, gpu=cfg.filter.gpus_per_worker > 0))
     sd = stage_dir(ctx.datasets, "filter", key, folder="filtered")
     return run_stage.with_options(name=sd.name)(
         ctx, sd, filter_stage, (cfg.filter, synth["shards_dir"], str(sd.path)),
@@ -226,7 +228,7 @@ def stage2(ctx: Context, s1: dict | None, filtered: dict | None, train: TrainCon
         return None
     train = cfg.stage2 if train is None else train
     extra = [filtered["kept_dir"]] if filtered and filtered.get("n_kept", 0) > 0 else []
-    key = stage_key("stage2", train=train, model=cfg.model, init=s1["key"] if s1 else None,
+    key = train_key("stage2", train=train, model=cfg.model, init=s1["key"] if s1 else None,
                     filtered=filtered["key"] if filtered else None, data=ctx.data_md5, **catalog_inputs(train, ctx))
     sd = stage_dir(ctx.artifacts, name, key, folder="stage2")
     stage = run_stage.with_options(name=sd.name)
@@ -253,13 +255,17 @@ def stage2_balances(ctx: Context, s1: dict | None, filtered: dict | None) -> lis
     return [f.result() for f in futures]
 
 
+def backbone_key(cfg: PipelineConfig) -> str:
+    return stage_key("backbone", model=key_model(cfg.model, gpu=cfg.stage2.resources.gpus > 0))
+
+
 def backbone(ctx: Context) -> dict:
     """The backbone saved as a model folder, keyed as the backbone is evaluated: the start of stage 2
     when stage 1 does not run, so the base a task_slerp merge takes the deltas from."""
     from tasks.stages import backbone_stage
 
     cfg = ctx.cfg
-    sd = stage_dir(ctx.artifacts, "backbone", stage_key("backbone", model=cfg.model))
+    sd = stage_dir(ctx.artifacts, "backbone", backbone_key(cfg))
     return run_stage.with_options(name=sd.name)(
         ctx, sd, backbone_stage, (cfg.model, str(sd.path)), resources=cfg.stage2.resources,
         params=_section(cfg, "model"))
@@ -314,7 +320,7 @@ def reranker(ctx: Context, filtered: dict | None) -> dict | None:
     if not cfg.reranker.enabled:
         return None
     extra = [filtered["kept_dir"]] if filtered and filtered.get("n_kept", 0) > 0 else []
-    key = stage_key("reranker", train=cfg.reranker, model=cfg.reranker_backbone,
+    key = train_key("reranker", train=cfg.reranker, model=cfg.reranker_backbone,
                     filtered=filtered["key"] if filtered else None, data=ctx.data_md5,
                     **catalog_inputs(cfg.reranker, ctx))
     sd = stage_dir(ctx.artifacts, "reranker", key)
@@ -402,7 +408,7 @@ def pipeline(preset: str = "smol", overrides: list[str] | None = None, ablation:
 
         # the backbone is scored as the preset configures it (layers kept, max lengths), through the
         # same path as every trained model
-        models: dict[str, tuple[str | ModelConfig, str]] = {"backbone": (cfg.model, stage_key("backbone", model=cfg.model))}
+        models: dict[str, tuple[str | ModelConfig, str]] = {"backbone": (cfg.model, backbone_key(cfg))}
         for name, res in (("stage1", s1), ("stage2", s2), ("merged", merged)):
             if res:
                 models[name] = (res["final"], res["key"])

@@ -99,6 +99,22 @@ def folder_digest(path: str | Path) -> str | None:
     return h.hexdigest()[:16]
 
 
+def key_model(model: ModelConfig, *, gpu: bool) -> ModelConfig:
+    """`model` as a stage key holds it: `autocast: auto` as the stage's device resolves it (a GPU
+    where the stage asks for one, else this machine's default device), so a model trained or
+    scored in bf16 and one in float32 never share a folder."""
+    from tasks.models.backbone import default_device, resolve_autocast
+
+    device = "cuda" if gpu else default_device()
+    return model.model_copy(update={"autocast": resolve_autocast(model.autocast, device)})
+
+
+def train_key(name: str, *, train: TrainConfig, model: ModelConfig, **inputs: Any) -> str:
+    """The key of a training stage: `stage_key` over `key_model(model)` on the stage's device."""
+    gpu = train.resources.gpus > 0 or (train.distributed.engine == "ray_train" and train.distributed.use_gpu)
+    return stage_key(name, train=train, model=key_model(model, gpu=gpu), **inputs)
+
+
 def synth_key(cfg: SynthConfig, *, data: str, root: str | Path) -> str:
     """The key of synthesis: its config, the data version, the prompts' version (an edited prompt
     writes other pairs from the same settings) and, with `synth.reuse`, the contents of the reused

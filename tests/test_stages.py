@@ -14,7 +14,7 @@ import pytest
 from tasks import stages
 from tasks.config import load_config
 from tasks.distributed import Placement, place_actors, task_threads
-from tasks.stages import stage_dir, stage_key, synth_key, train_resources
+from tasks.stages import key_model, stage_dir, stage_key, synth_key, train_key, train_resources
 
 DATA = "50ba92085f0651a5aaa6eed1845bb4cf.dir"  # a data version, as data.dvc records it
 
@@ -24,14 +24,14 @@ def recipe_keys(*overrides: str, data: str = DATA) -> dict[str, str]:
     stages it reads (as flows/pipeline.py chains them)."""
     cfg = load_config("micro", list(overrides))
     keys = {"synthesis": synth_key(cfg.synth, data=data, root=".")}
-    keys["stage1"] = stage_key("stage1", train=cfg.stage1, model=cfg.model, synth=keys["synthesis"],
+    keys["stage1"] = train_key("stage1", train=cfg.stage1, model=cfg.model, synth=keys["synthesis"],
                                data=data)
     keys["filter"] = stage_key("filter", filter=cfg.filter, synth=keys["synthesis"], embedder=keys["stage1"],
-                               model=cfg.model)
-    keys["stage2"] = stage_key("stage2", train=cfg.stage2, model=cfg.model, init=keys["stage1"],
+                               model=key_model(cfg.model, gpu=False))
+    keys["stage2"] = train_key("stage2", train=cfg.stage2, model=cfg.model, init=keys["stage1"],
                                filtered=keys["filter"], data=data)
     keys["merge"] = stage_key("merge", merge=cfg.merge, trained=keys["stage2"], base=None)
-    keys["reranker"] = stage_key("reranker", train=cfg.reranker, model=cfg.reranker_backbone,
+    keys["reranker"] = train_key("reranker", train=cfg.reranker, model=cfg.reranker_backbone,
                                  filtered=keys["filter"], data=data)
     return keys
 
@@ -67,6 +67,36 @@ def test_a_changed_setting_changes_its_stage_and_everything_downstream_only(base
                                       "retrain.tolerance=0.1"])
 def test_settings_no_stage_reads_change_no_key(base_keys, override):
     assert changed(base_keys, recipe_keys(override)) == set()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_autocast_auto_is_keyed_as_this_machine_resolves_it(monkeypatch, base_keys, native):
+    """`model.autocast: auto` trains in bf16 where the CPU multiplies bf16 natively and in float32
+    elsewhere: the keys say which, so the two never share a folder (or a cache between machines)."""
+    monkeypatch.setattr("tasks.models.backbone.native_bf16", lambda device: native)
+    auto = recipe_keys("model.autocast=auto")
+    assert auto == recipe_keys("model.autocast=bfloat16" if native else "model.autocast=null")
+    # null keeps the keys autocast predates (KEY_NEUTRAL); bf16 changes every stage that runs the model
+    assert changed(base_keys, auto) == ({"stage1", "filter", "stage2", "merge", "reranker"} if native else set())
+
+
+def test_the_rerankers_own_autocast_changes_only_the_reranker(monkeypatch, base_keys):
+    monkeypatch.setattr("tasks.models.backbone.native_bf16", lambda device: True)
+    cfg = load_config("micro")
+    own = cfg.model.model_dump() | {"autocast": "auto"}
+    keys = recipe_keys(*(f"reranker_model.{k}={v if v is not None else 'null'}" for k, v in own.items()
+                         if not isinstance(v, dict)))
+    assert changed(base_keys, keys) == {"reranker"}
+
+
+def test_a_gpu_stage_resolves_auto_for_the_gpu(monkeypatch):
+    seen = []
+    monkeypatch.setattr("tasks.models.backbone.native_bf16", lambda device: seen.append(str(device)) or True)
+    cfg = load_config("micro", ["model.autocast=auto", "stage2.resources.gpus=1"])
+    assert key_model(cfg.model, gpu=True).autocast == "bfloat16" and seen == ["cuda"]
+    assert train_key("stage2", train=cfg.stage2, model=cfg.model) == \
+        train_key("stage2", train=cfg.stage2, model=cfg.model.model_copy(update={"autocast": "bfloat16"}))
+    assert seen[-1] == "cuda"
 
 
 def test_a_new_data_version_changes_the_stages_that_read_data(base_keys):
