@@ -82,11 +82,15 @@ def test_autocast_auto_is_keyed_as_this_machine_resolves_it(monkeypatch, base_ke
 
 def test_the_rerankers_own_autocast_changes_only_the_reranker(monkeypatch, base_keys):
     monkeypatch.setattr("tasks.models.backbone.native_bf16", lambda device: True)
-    cfg = load_config("micro")
-    own = cfg.model.model_dump() | {"autocast": "auto"}
-    keys = recipe_keys(*(f"reranker_model.{k}={v if v is not None else 'null'}" for k, v in own.items()
-                         if not isinstance(v, dict)))
-    assert changed(base_keys, keys) == {"reranker"}
+    model = load_config("micro").model.model_dump()
+
+    def with_own_reranker_model(autocast: str) -> dict[str, str]:
+        own = model | {"autocast": autocast}
+        return recipe_keys(*(f"reranker_model.{k}={v if v is not None else 'null'}" for k, v in own.items()
+                             if not isinstance(v, dict)))
+
+    assert changed(base_keys, with_own_reranker_model("null")) == set()  # the same block as `model`: same keys
+    assert changed(base_keys, with_own_reranker_model("auto")) == {"reranker"}
 
 
 def test_a_gpu_stage_resolves_auto_for_the_gpu(monkeypatch):
