@@ -379,6 +379,8 @@ def pipeline(preset: str = "smol", overrides: list[str] | None = None, ablation:
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     tags.update(tracking.driver_tags())  # a later run marks this one KILLED if its driver dies uncleanly
+    machine = tracking.machine()
+    tags.update({f"machine.{k}": v for k, v in machine.items()})
     tracking.mark_dead_runs(experiment_id)
     parent = client.create_run(experiment_id, run_name=f"{cfg.preset}-{cfg.ablation}", tags=tags)
     pid = parent.info.run_id
@@ -461,6 +463,7 @@ def _summarise(ctx: Context, results: dict, final_name: str, models: dict, final
         "run_id": ctx.parent_run_id, "preset": ctx.cfg.preset, "ablation": ctx.cfg.ablation,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": tags["git_commit"], "config_hash": tags["config_hash"], "dvc_data_md5": tags["dvc_data_md5"],
+        "machine": {k.removeprefix("machine."): v for k, v in tags.items() if k.startswith("machine.")},
         "config_hash_without_seeds": report.config_digest_without_seeds(flat), "seeds": report.seeds_of(flat),
         "overrides": list(overrides), "config_files": list(config_files),
         "final_model": final_name, "final_model_path": _model_label(models[final_name][0]),

@@ -192,6 +192,21 @@ def run_date(summary: dict) -> str:
         return str(raw or "date unknown")
 
 
+def machine_text(summary: dict) -> str | None:
+    """'Intel(R) Xeon(R) ..., 2 CPUs, bf16: AMX, no GPU, torch 2.13.0+cpu', or None for a run
+    made before runs recorded their machine."""
+    m = summary.get("machine")
+    if not m:
+        return None
+    gpu = "no GPU" if m.get("gpu", "none") == "none" else f"GPU {m['gpu']}"
+    return f"{m.get('cpu', '?')}, {m.get('cpus', '?')} CPUs, bf16 matrix instructions: {m.get('cpu_bf16', '?')}, {gpu}, torch {m.get('torch', '?')}"
+
+
+MACHINE_NOTE = ("Scores repeat bit for bit on the same commit, config, data and kind of machine; on another CPU "
+                "or GPU the bf16 matrix products (evaluation, and training under `autocast: auto`) round "
+                "differently and the scores move within their seed spread.")
+
+
 def short_commit(commit: str | None) -> str:
     if not commit:
         return "unknown"
@@ -361,6 +376,7 @@ def run_report(summary: dict) -> str:
     head = [f"## Run `{rid}`", "",
             f"Preset `{summary['preset']}`, ablation `{summary['ablation']}`, commit `{short_commit(commit)}`, "
             f"config `{summary.get('config_hash', 'unknown')}`, data `{data}`, {run_date(summary)}.", "",
+            *([f"Machine: {machine}. {MACHINE_NOTE}", ""] if (machine := machine_text(summary)) else []),
             f"Reproduce: `{reproduce_command(summary)}`  ",
             f"Regenerate this text: `q3e report {rid}`", *dirty_warning(commit)]
     checks = stage_checks(summary["scores"], summary["final_model"])
@@ -439,6 +455,16 @@ def seed_statistics(summaries: list[dict]) -> dict[str, dict[str, tuple[float, f
                     for t, v in cells.items()} for model, cells in per.items()}
 
 
+def machines_lines(summaries: list[dict]) -> list[str]:
+    """The machine the runs were made on, or each run's where they differ (then the spread holds the
+    machines' rounding as well as the seeds)."""
+    texts = {s["run_id"]: machine_text(s) or "not recorded" for s in summaries}
+    if len(set(texts.values())) == 1:
+        return [f"Machine: {next(iter(texts.values()))}.", ""]
+    return ["**Machines differ** (the spread below holds their bf16 rounding as well as the seeds):", "",
+            *[f"- `{rid}`: {text}" for rid, text in texts.items()], ""]
+
+
 def report_seeds(summaries: list[dict]) -> str:
     """Mean ± std over runs that differ only by seed, with every run listed."""
     check_mixable(summaries)
@@ -474,7 +500,7 @@ def report_seeds(summaries: list[dict]) -> str:
             f"Commit `{short_commit(first['git_commit'])}`, config `{first['config_hash_without_seeds']}` "
             f"(seeds left out), data `{first['dvc_data_md5']}`."
             + ("" if varying else " No seed differs between these runs: the spread is nondeterminism alone."),
-            "",
+            "", *machines_lines(summaries),
             f"Regenerate this text: `q3e report {' '.join(s['run_id'] for s in summaries)}`",
             *dirty_warning(first["git_commit"])]
     sections = ["\n".join(head),

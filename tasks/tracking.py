@@ -94,6 +94,38 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
+def machine() -> dict[str, str]:
+    """What a run's numbers depend on beyond its commit, config and data: the CPU (bf16 matrix
+    products under `autocast: auto` round differently on AMX, on AVX512-BF16 and in float32), the
+    CPUs this process may use, the GPUs and torch. Logged as `machine.*` tags and in summary.json;
+    `q3e report` prints it beside the commit."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 0
+    if torch.cpu._is_amx_tile_supported():
+        bf16 = "AMX"
+    elif torch.cpu._is_avx512_bf16_supported():
+        bf16 = "AVX512-BF16"
+    else:
+        bf16 = "none"
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpu = f"{len(gpus)} x {gpus[0]}" if gpus and len(set(gpus)) == 1 else (", ".join(gpus) or "none")
+    return {"cpu": cpu, "cpus": str(cpus), "cpu_bf16": bf16, "gpu": gpu, "torch": torch.__version__}
+
+
 def _chunks(items: list, n: int) -> Iterable[list]:
     for i in range(0, len(items), n):
         yield items[i: i + n]

@@ -36,6 +36,28 @@ def test_header_names_commit_config_and_the_command():
     assert "uncommitted changes" in report.run_report(make_summary(commit=COMMIT + "-dirty"))
 
 
+MACHINE = {"cpu": "Intel(R) Xeon(R) Processor", "cpus": "2", "cpu_bf16": "AMX", "gpu": "none", "torch": "2.13.0+cpu"}
+
+
+def test_header_names_the_machine_when_the_run_recorded_it():
+    md = report.run_report({**make_summary(), "machine": MACHINE})
+    assert ("Machine: Intel(R) Xeon(R) Processor, 2 CPUs, bf16 matrix instructions: AMX, no GPU, "
+            "torch 2.13.0+cpu.") in md
+    assert "round differently" in md
+    assert "Machine:" not in report.run_report(make_summary())  # a summary from before runs recorded it
+
+
+def test_seeds_name_one_machine_or_each_runs_where_they_differ():
+    runs = [{**make_summary(f"run{i}", seed=i), "machine": MACHINE} for i in range(3)]
+    md = report.report_seeds(runs)
+    assert md.count("Machine: Intel(R) Xeon(R) Processor, 2 CPUs") == 1 and "differ" not in md
+    runs[2]["machine"] = {**MACHINE, "cpu": "AMD EPYC", "cpu_bf16": "AVX512-BF16"}
+    md = report.report_seeds(runs)
+    assert "**Machines differ**" in md
+    assert "- `run2`: AMD EPYC, 2 CPUs, bf16 matrix instructions: AVX512-BF16" in md
+    assert "- `run0`: Intel(R) Xeon(R) Processor" in md
+
+
 def test_checks_fail_a_stage_below_its_input_and_pass_otherwise():
     summary = make_summary()
     checks = {c["name"]: c for c in report.stage_checks(summary["scores"], "merged")}
@@ -200,7 +222,8 @@ def test_pipeline_summary_logs_checks_to_mlflow_and_reports(tmp_path, monkeypatc
     run_dir = tmp_path / "runs"
     eid = tracking.setup(run_dir, "report-test")
     client = mlflow.MlflowClient()
-    tags = {"git_commit": COMMIT, "config_hash": "feedfacefeedface", "dvc_data_md5": "d" * 32 + ".dir"}
+    tags = {"git_commit": COMMIT, "config_hash": "feedfacefeedface", "dvc_data_md5": "d" * 32 + ".dir",
+            **{f"machine.{k}": v for k, v in tracking.machine().items()}}
     pid = client.create_run(eid, tags=tags).info.run_id
     stats = tmp_path / "synthetic" / "stats.json"
     stats.parent.mkdir()
@@ -225,7 +248,9 @@ def test_pipeline_summary_logs_checks_to_mlflow_and_reports(tmp_path, monkeypatc
                          synth={"stats": str(stats), "n_accepted": 4}, overrides=["stage2.seed=3"],
                          config_files=[], filtered={"report": str(filter_report)},
                          benchmarks={"merged": {"Local(bench, v1)": bench}})
-    assert {k: summary[k] for k in tags} == tags
+    assert {k: summary[k] for k in tags if not k.startswith("machine.")} == {
+        k: v for k, v in tags.items() if not k.startswith("machine.")}
+    assert summary["machine"] == tracking.machine()
     assert summary["benchmarks"] == {"merged": {"Local(bench, v1)": bench}} and summary["first_stage"] is None
     assert summary["seeds"]["stage2.seed"] == 3 and summary["train_pairs"] == {"stage1": 4}
     assert summary["synthesis"]["by_kind"]["retrieval"] == {"accepted": 3, "rejected": 9}
@@ -244,6 +269,7 @@ def test_pipeline_summary_logs_checks_to_mlflow_and_reports(tmp_path, monkeypatc
     assert f"git checkout {COMMIT} && q3e run --preset micro stage2.seed=3" in text
     assert "**FAIL**: stage1 ≥ backbone" in text and "Stage 1 trained on 4 pairs." in text
     assert "### Benchmarks" in text and "| merged (final) | 0.500 / 0.500 |" in text
+    assert f"Machine: {report.machine_text(summary)}." in text
 
 
 

@@ -136,3 +136,16 @@ def test_git_commit_names_the_commit_and_a_dirty_tree(tmp_path):
     assert tracking.git_commit(tmp_path) == head
     (tmp_path / "a.txt").write_text("2\n")
     assert tracking.git_commit(tmp_path) == head + "-dirty"
+
+
+def test_machine_names_the_cpu_its_bf16_instructions_and_torch():
+    import torch
+
+    from tasks.models.backbone import native_bf16
+
+    m = tracking.machine()
+    assert set(m) == {"cpu", "cpus", "cpu_bf16", "gpu", "torch"}
+    assert m["torch"] == torch.__version__ and int(m["cpus"]) >= 1 and m["cpu"]
+    # the same test the models use to resolve `autocast: auto`
+    assert (m["cpu_bf16"] != "none") == native_bf16("cpu")
+    assert (m["gpu"] == "none") == (not torch.cuda.is_available())
