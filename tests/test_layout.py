@@ -92,3 +92,9 @@ def test_no_test_module_imports_another():
         if imported:
             offenders[str(path.relative_to(ROOT))] = imported
     assert offenders == {}
+
+
+def test_no_module_under_tasks_is_over_600_lines():
+    long = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / "tasks").rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 600}
+    assert long == {}, "split these by concern (issue 16)"

@@ -24,9 +24,8 @@ import pytest
 
 from tasks.config import GeneratorConfig, SynthConfig
 from tasks.distributed import Placement
-from tasks.synthesis.generators import (
-    GeneratorError, OpenAIGenerator, Secret, build_generator, json_object_closed,
-)
+from tasks.synthesis.generators import GeneratorError, Secret, build_generator, json_object_closed
+from tasks.synthesis.openai_server import OpenAIGenerator
 from tasks.synthesis.parse import Reject, match_character, normalise_choice, parse_json_answer
 from tasks.synthesis.plan import load_passages, make_plan
 from tasks.synthesis.prompts import (

@@ -25,7 +25,8 @@ Where things are:
   plan.py        passages (files; hub corpora, streamed), personas and persona retrieval, the
                  per-passage `Plan`, `check_config`
   encoders.py    the sentence encoders of persona retrieval (also used by filtering)
-  generators.py  the LLM backends: transformers, vLLM, an OpenAI-compatible server
+  generators.py  the backends' protocol and `build_generator`; transformers (local) and vLLM
+  openai_server.py  the backend for an OpenAI-compatible server (retries, Retry-After, secrets)
   shard.py       `synthesize_shard`: one shard's prompts, retries, records and rejections
   engines.py     the Ray actor and Ray Data engines that run shards
   run.py         the stage entry `synthesize`: manifest, reuse, resume, stats
