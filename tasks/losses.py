@@ -85,9 +85,10 @@ def improved_infonce(
     same positive text as d_i+ (same_pos[i, j]; for other items' negatives, same_neg[i, j, k]);
     else m = 1. The mask score is the term's own score, except in the d-d term, where
     `dd_mask_on` chooses:
-      "positive"  s(d_i+, d_j), the d-d term's own score (the default);
+      "positive"  s(d_i+, d_j), the d-d term's own score (this function's default);
       "query"     s(q_i, d_j), the paper's wording: "s_ij is the corresponding score of
-                  q_i, d_j or q_i, q_j", so the d-d and q-d terms of one d_j share one m_ij.
+                  q_i, d_j or q_i, q_j", so the d-d and q-d terms of one d_j share one m_ij
+                  (the pipeline's default: `loss.dd_mask_on` in conf/base.yaml).
     With `mask_false_negatives=False` only the j != i exclusion and the `neg_mask` padding apply
     (same_pos, same_neg and margin are ignored).
 

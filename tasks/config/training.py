@@ -85,11 +85,13 @@ class LossConfig(Strict):
     # then the loss above. 0 = the paper's loss from the first step. A warm start for a backbone
     # whose pooled state carries no content yet (SmolLM2: see conf/presets/smol.yaml).
     plain_warmup_steps: int = Field(ge=0)
-    # Two readings of eq. 1 that the paper leaves open (tasks/losses.py). The defaults are the
-    # project's first reading, kept so that runs stay comparable:
+    # Two readings of eq. 1 that the paper leaves open (tasks/losses.py). The defaults (conf/base.yaml)
+    # are the readings of the paper's text; on smol they score level with the others over three seeds
+    # (docs/smol-default.md section 23):
     # - dd_mask_on: the paper says "s_ij is the corresponding score of q_i, d_j or q_i, q_j", which
-    #   names only query-side scores and so leans to `query` (the d-d and q-d terms of one d_j share
-    #   one m_ij); SPEC 2 restates it as "the score of that term", i.e. `positive`, s(d_i+, d_j).
+    #   names only query-side scores, so the d-d and q-d terms of one d_j share one m_ij: `query`,
+    #   the default since section 23; SPEC 2 restates it as "the score of that term", i.e.
+    #   `positive`, s(d_i+, d_j).
     # - in_batch_docs: the paper indexes d_j by the same j != i as q_j and names the hard negatives
     #   d_ik- apart, so d_j is item j's positive (`positives`); ms-swift's batch also holds the other
     #   items' hard negatives (`positives_and_negatives`).
