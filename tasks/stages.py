@@ -112,6 +112,8 @@ def key_model(model: ModelConfig, *, gpu: bool) -> ModelConfig:
 def train_key(name: str, *, train: TrainConfig, model: ModelConfig, **inputs: Any) -> str:
     """The key of a training stage: `stage_key` over `key_model(model)` on the stage's device."""
     gpu = train.resources.gpus > 0 or (train.distributed.engine == "ray_train" and train.distributed.use_gpu)
+    if train.objective != "embedding":  # the reranker trains on eq. 2 whatever `loss` (eq. 1's settings) says
+        train = train.model_copy(update={"loss": None})
     return stage_key(name, train=train, model=key_model(model, gpu=gpu), **inputs)
 
 

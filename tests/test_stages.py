@@ -93,6 +93,13 @@ def test_the_rerankers_own_autocast_changes_only_the_reranker(monkeypatch, base_
     assert changed(base_keys, with_own_reranker_model("auto")) == {"reranker"}
 
 
+def test_eq1_settings_change_the_embedders_not_the_reranker_that_never_reads_them(base_keys):
+    """`loss` is eq. 1's; the reranker's block carries it too (base.yaml's anchor) but trains on eq. 2."""
+    assert changed(base_keys, recipe_keys("reranker.loss.dd_mask_on=positive")) == set()
+    assert changed(base_keys, recipe_keys("stage2.loss.dd_mask_on=positive")) == {"stage2", "merge"}
+    assert changed(base_keys, recipe_keys("reranker.steps=7")) == {"reranker"}  # its own settings still count
+
+
 def test_a_gpu_stage_resolves_auto_for_the_gpu(monkeypatch):
     seen = []
     monkeypatch.setattr("tasks.models.backbone.native_bf16", lambda device: seen.append(str(device)) or True)
