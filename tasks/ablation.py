@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.report import (DASH, EPS, ReportError, check_mixable, dirty_warning, mean_of, row_scores, run_date,
-                          short_commit)
+from tasks.report import (DASH, EPS, ReportError, check_mixable, dirty_warning, machines_lines, mean_of, row_scores,
+                          run_date, short_commit)
 
 # Paper Table 5, worst to best: each ablation setting should score below the next.
 PAPER_ORDER = ("only-synthetic", "no-synthetic", "no-merge", "full")
@@ -230,7 +230,7 @@ def report_ablation_seeds(sweeps: list[dict[str, dict]], sweep_ids: list[str]) -
             f"Commit `{short_commit(first['git_commit'])}`, data `{first['dvc_data_md5']}`. Each sweep is one "
             f"`q3e ablate` (one seed); a setting's runs differ only by seed, and the sweeps are paired by seed."
             + ("" if varying else " No seed differs between these sweeps: the spread is nondeterminism alone."),
-            "",
+            "", *machines_lines([s for sweep in sweeps for s in sweep.values()]),
             f"Regenerate this text: `q3e report --ablations {' '.join(sweep_ids)}`",
             *dirty_warning(first["git_commit"])]
     sections = ["\n".join(head),

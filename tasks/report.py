@@ -457,8 +457,10 @@ def seed_statistics(summaries: list[dict]) -> dict[str, dict[str, tuple[float, f
 
 def machines_lines(summaries: list[dict]) -> list[str]:
     """The machine the runs were made on, or each run's where they differ (then the spread holds the
-    machines' rounding as well as the seeds)."""
+    machines' rounding as well as the seeds); nothing when no run recorded one."""
     texts = {s["run_id"]: machine_text(s) or "not recorded" for s in summaries}
+    if not any(s.get("machine") for s in summaries):  # runs from before runs recorded it
+        return []
     if len(set(texts.values())) == 1:
         return [f"Machine: {next(iter(texts.values()))}.", ""]
     return ["**Machines differ** (the spread below holds their bf16 rounding as well as the seeds):", "",

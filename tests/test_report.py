@@ -56,6 +56,16 @@ def test_seeds_name_one_machine_or_each_runs_where_they_differ():
     assert "**Machines differ**" in md
     assert "- `run2`: AMD EPYC, 2 CPUs, bf16 matrix instructions: AVX512-BF16" in md
     assert "- `run0`: Intel(R) Xeon(R) Processor" in md
+    assert "Machine" not in report.report_seeds([make_summary(f"run{i}", seed=i) for i in range(3)])
+
+
+def test_ablation_seeds_name_the_machine_of_their_runs():
+    sweeps = [make_sweep(i) for i in range(2)]
+    for sweep in sweeps:
+        for s in sweep.values():
+            s["machine"] = MACHINE
+    md = ablation.report_ablation_seeds(sweeps, ["sweep0", "sweep1"])
+    assert md.count("Machine: Intel(R) Xeon(R) Processor, 2 CPUs, bf16 matrix instructions: AMX") == 1
 
 
 def test_checks_fail_a_stage_below_its_input_and_pass_otherwise():
