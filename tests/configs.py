@@ -37,10 +37,10 @@ def synth_cfg(shared_data: Path, personas: Path, **update) -> SynthConfig:
     return SynthConfig.model_validate(base | update | {"generator": gen})
 
 
-def dvc_project(tmp_path_factory, name: str) -> Path:
-    """A fresh folder initialised as a DVC project (no git), where a flow keeps data/, runs/, datasets/."""
+def dvc_project(root: Path) -> Path:
+    """`root`, an empty folder, initialised as a DVC project (no git), where a flow keeps data/, runs/,
+    datasets/."""
     from dvc.repo import Repo
 
-    root = tmp_path_factory.mktemp(name)
     Repo.init(str(root), no_scm=True)
     return root

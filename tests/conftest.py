@@ -11,6 +11,7 @@ what they hold: fakes.py (scripted LLMs), configs.py (the micro configurations).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import threading
 from http.server import ThreadingHTTPServer
@@ -107,6 +108,25 @@ def micro_reranker(micro_cfg):
     from tasks.models import Reranker
 
     return Reranker.load(micro_cfg.model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    """`module_tmp(name)` makes a folder for a module's shared fixtures; it is removed when the module's
+    tests are done, unless one of them failed. (A per-test `tmp_path` goes when its test passes:
+    `tmp_path_retention_policy` in pyproject.toml. Kept to the end, the suite's checkpoints filled
+    6 GB of /tmp and a small CI disk with them.)"""
+    made: list[Path] = []
+    failed_before = request.session.testsfailed
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    if request.session.testsfailed == failed_before:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -34,13 +34,13 @@ def close(reported: float, exact: float, decimals: int, rel: float = 0.0) -> boo
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, tuple[dict, str]]:
+def runs(module_tmp) -> dict[str, tuple[dict, str]]:
     """benchmark -> (its JSON record, what it printed), each run as `python -m bench NAME ...` runs
     it (`bench.__main__.main`), in this process: four more interpreters would each import torch
     again. The fresh processes a benchmark starts itself (peak memory) are still fresh processes."""
     from bench.__main__ import main
 
-    out = tmp_path_factory.mktemp("bench")
+    out = module_tmp("bench")
     done = {}
     for name, options in RUNS.items():
         args = [a for k, v in options.items() for a in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]

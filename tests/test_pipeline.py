@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    return dvc_project(tmp_path_factory, "project")
+def project(module_tmp):
+    return dvc_project(module_tmp("project"))
 
 
 # more filter actors than the tests' Ray (two CPUs) holds: the flow must hand the stage two
@@ -247,11 +247,11 @@ FRESH = ["full", "no-synthetic"]
 
 
 @pytest.fixture(scope="module")
-def sweeps(runs, project, tmp_path_factory, shared_data, llm_url, prefect_server, ray_session, monkeypatch_module):
+def sweeps(runs, project, module_tmp, shared_data, llm_url, prefect_server, ray_session, monkeypatch_module):
     from flows.ablate import ablate
 
     monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
-    fresh = dvc_project(tmp_path_factory, "sweep-fresh")
+    fresh = dvc_project(module_tmp("sweep-fresh"))
     overrides = pipeline_overrides(shared_data, llm_url, WORKERS)
     sweep = ablate(preset="micro", only=SWEEP, overrides=overrides, project_dir=str(project))
     again = ablate(preset="micro", only=FRESH, overrides=overrides, project_dir=str(fresh))

@@ -38,12 +38,12 @@ def test_score_of_is_the_mean_or_one_named_task():
 
 
 @pytest.mark.slow
-def test_retraining_promotes_skips_and_follows_the_rule(tmp_path_factory, shared_data, prefect_server, ray_session,
+def test_retraining_promotes_skips_and_follows_the_rule(tmp_path, shared_data, prefect_server, ray_session,
                                                          monkeypatch):
     from flows.retrain import champion, decide, retrain
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    root = dvc_project(tmp_path_factory, "retrain")
+    root = dvc_project(tmp_path)
     ov = [f"data.source={shared_data}", "data.include=[triplets-en, beir/nq-msmarco-hardneg]", "data.derived=[]",
           "synth.enabled=false", "stage1.enabled=false", "filter.enabled=false", "reranker.enabled=false",
           "stage2.data=[{path: data/triplets-en/snli_dev_triplets.jsonl, limit: 120}]"]

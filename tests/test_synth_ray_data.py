@@ -57,8 +57,8 @@ def micro_synth(shared_data, personas_file) -> SynthConfig:
 
 
 @pytest.fixture(scope="module")
-def ray_data_run(ray_session, micro_synth, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ray-data") / "synth"
+def ray_data_run(ray_session, micro_synth, module_tmp) -> Path:
+    out = module_tmp("ray-data") / "synth"
     res = synthesize(micro_synth, out, progress=False)
     assert res.stats["run"]["shards_generated"] == 4
     return out

@@ -53,9 +53,9 @@ def _train_cmd(out: Path, data: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(shared_data, tmp_path_factory) -> Path:
+def reference(shared_data, module_tmp) -> Path:
     """The uninterrupted training run that the killed and the crashed runs must end identical to."""
-    out = tmp_path_factory.mktemp("reference") / "ref"
+    out = module_tmp("reference") / "ref"
     ref = subprocess.run(_train_cmd(out, shared_data / SNLI), cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
     return out

@@ -50,6 +50,22 @@ def _error_lines(stderr: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- the reaper itself
 
+def _watchdog_of(driver: int, timeout: float) -> int | None:
+    """The pid of the reaper watching `driver` (its own session, so not in the driver's), once its
+    interpreter runs reaper.py."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name in os.listdir("/proc"):
+            try:
+                argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if len(argv) > 2 and argv[-3].endswith(b"reaper.py") and argv[-2] == str(driver).encode():
+                return int(name)
+        time.sleep(0.1)
+    return None
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not LINUX, reason="the reaper reads /proc")
 def test_the_children_of_a_sigkilled_process_are_stopped(tmp_path):
@@ -72,7 +88,10 @@ def test_the_children_of_a_sigkilled_process_are_stopped(tmp_path):
         time.sleep(0.1)
     before = session_processes(driver.pid)
     assert sum("sleep 300" in c for c in before.values()) >= 2, before
-    time.sleep(2 * reaper.POLL_S + 0.2)  # the watchdog has seen them
+    # the watchdog has started and seen them: on a busy machine (the suite runs two tests at a time)
+    # its interpreter can take longer to start than a fixed pause after `ready` allowed
+    assert _watchdog_of(driver.pid, timeout=10), "no watchdog process for the driver"
+    time.sleep(4 * reaper.POLL_S)
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     assert wait_session_empty(driver.pid, timeout=15) == {}
@@ -191,10 +210,10 @@ def _one_line(res, *needles: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def micro_model(tmp_path_factory):
+def micro_model(module_tmp):
     from tasks.models import Embedder
 
-    path = tmp_path_factory.mktemp("models") / "good"
+    path = module_tmp("models") / "good"
     Embedder.load("micro", device="cpu").save(path)
     return path
 
