@@ -113,10 +113,11 @@ def score(model_dir: Path, sets: dict, batch_size: int = 32, autocast: str | Non
 
 
 def rerank_score(reranker_dir: Path, embedder_dir: Path, sets: dict, top_k: int,
-                 depths: list[int] | None = None, autocast: str | None = None) -> dict[str, float]:
+                 depths: list[int] | None = None, autocast: str | None = None,
+                 both_orders: bool = True) -> dict[str, float]:
     """nDCG@10 of the embedder's ranking and of the reranker's order of its top_k, per set; with
     `depths`, also of the reranker's order of the top k for each k listed (scored once, at the
-    deepest)."""
+    deepest). STS-B dev's pairs are scored in both orders (`both_orders`, eval.rerank_symmetric)."""
     import torch
 
     from tasks.evaluation.encoders import with_autocast
@@ -132,8 +133,12 @@ def rerank_score(reranker_dir: Path, embedder_dir: Path, sets: dict, top_k: int,
                 else emb.encode(corpus))
         sim = emb.encode(queries, instruction=instruction, is_query=True) @ docs.T
         top = np.argsort(-sim, axis=1)[:, :deepest]
-        scores = rr.score([queries[i] for i in range(len(queries)) for _ in range(deepest)],
-                          [corpus[j] for row in top for j in row], instruction=instruction).reshape(len(queries), deepest)
+        pairs = [queries[i] for i in range(len(queries)) for _ in range(deepest)], [corpus[j] for row in top for j in row]
+        scores = rr.score(*pairs, instruction=instruction).reshape(len(queries), deepest)
+        if both_orders and name == "stsb-en-dev":  # a symmetric task, as the pipeline reranks it
+            out[name + "/reranked-one-order"] = ndcg10_ranked(
+                np.take_along_axis(top[:, :top_k], np.argsort(-scores[:, :top_k], axis=1), axis=1), rel)
+            scores = (scores + rr.score(pairs[1], pairs[0], instruction=instruction).reshape(len(queries), deepest)) / 2
         reordered = lambda k: np.take_along_axis(top[:, :k], np.argsort(-scores[:, :k], axis=1), axis=1)
         out[name + "/embedder"] = ndcg10_ranked(top, rel)
         out[name + "/reranked"] = ndcg10_ranked(reordered(top_k), rel)
@@ -210,7 +215,7 @@ def main(argv=None) -> dict:
     if args.no_train and args.stage == "reranker":
         t0 = time.perf_counter()
         results["checkpoints"]["init"] = rerank_score(Path(args.init), Path(args.first_stage), sets, args.top_k,
-                                                      depths, cfg.eval.autocast)
+                                                      depths, cfg.eval.autocast, cfg.eval.rerank_symmetric)
         results["eval_s"] = time.perf_counter() - t0
         print("init", json.dumps(results["checkpoints"]["init"]), flush=True)
     elif args.no_train:
@@ -240,7 +245,8 @@ def main(argv=None) -> dict:
         for ck in [*(res.checkpoints[:-1] if args.all_checkpoints else []), res.final]:
             name = ck.parent.name if ck.name == "model" else ck.name
             results["checkpoints"][name] = (
-                rerank_score(ck, Path(args.first_stage), sets, args.top_k, depths, cfg.eval.autocast)
+                rerank_score(ck, Path(args.first_stage), sets, args.top_k, depths, cfg.eval.autocast,
+                             cfg.eval.rerank_symmetric)
                 if args.stage == "reranker" else score(ck, sets, autocast=cfg.eval.autocast))
             print(name, json.dumps(results["checkpoints"][name]), flush=True)
         for steps in args.merge:
@@ -255,7 +261,8 @@ def main(argv=None) -> dict:
             name = "merge-" + "-".join(map(str, wanted))
             merged = slerp_merge([by_step[s] for s in wanted], args.out / name)
             results["checkpoints"][name] = (
-                rerank_score(merged, Path(args.first_stage), sets, args.top_k, depths, cfg.eval.autocast)
+                rerank_score(merged, Path(args.first_stage), sets, args.top_k, depths, cfg.eval.autocast,
+                             cfg.eval.rerank_symmetric)
                 if args.stage == "reranker" else score(merged, sets, autocast=cfg.eval.autocast))
             print(name, json.dumps(results["checkpoints"][name]), flush=True)
         results["eval_s"] = time.perf_counter() - t0

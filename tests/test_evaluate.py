@@ -17,7 +17,7 @@ from mteb.types import PromptType
 from tasks.config import EvalConfig
 from tasks.data import DataError, write_jsonl
 from tasks.evaluation.cache import EmbeddingCache
-from tasks.evaluation.encoders import MtebEmbedder
+from tasks.evaluation.encoders import MtebEmbedder, MtebReranker
 from tasks.evaluation.fingerprints import parameters_fingerprint
 from tasks.evaluation.local_tasks import beir_task, pair_classification_task, sts_task
 from tasks.evaluation.prompts import TaskPrompts
@@ -308,6 +308,27 @@ def test_a_symmetric_local_set_gives_its_documents_the_instruction(micro_embedde
     cfg = load_config("micro", [f"eval.task_dirs=[{folder}]", "eval.symmetric=[no-such-task]"]).eval
     with pytest.raises(ValueError, match="no-such-task"):
         evaluate_model(micro_embedder, cfg, out=None, show=False, embedding_cache=False)
+
+
+def test_the_reranker_scores_a_symmetric_set_in_both_orders(micro_reranker, shared_data):
+    """eval.rerank_symmetric: on a set named in eval.symmetric the reranker's score of (a, b) is the
+    mean of its yes/no judgements of (a, b) and (b, a), the same whichever text is the query; on any
+    other set it is the one judgement of (query, document), which is not symmetric."""
+    task = beir_task(shared_data / "beir/stsb-zh-valid", max_queries=4, max_corpus=12)
+    a, b = ["一个男人在弹吉他。", "一个女人在切土豆。"], ["一个人在演奏乐器。", "一个女人在切西兰花。"]
+    kw = dict(task_metadata=task.metadata, hf_split="test", hf_subset="default")
+    instruction = TaskPrompts.load().for_task(task.metadata)
+    one = lambda x, y: micro_reranker.score(x, y, instruction=instruction, max_length=128)
+    plain = MtebReranker(micro_reranker, name="micro", fingerprint="x")
+    both = MtebReranker(micro_reranker, name="micro", fingerprint="x", both_orders=[task.metadata.name])
+    other = MtebReranker(micro_reranker, name="micro", fingerprint="x", both_orders=["another-task"])
+    forward, backward = one(a, b), one(b, a)
+    assert not np.allclose(forward, backward)  # the judgement alone is not symmetric
+    np.testing.assert_allclose(plain.predict(a, b, **kw), forward, rtol=1e-6)
+    np.testing.assert_allclose(other.predict(a, b, **kw), forward, rtol=1e-6)
+    np.testing.assert_allclose(both.predict(a, b, **kw), (forward + backward) / 2, rtol=1e-6)
+    np.testing.assert_allclose(both.predict(b, a, **kw), both.predict(a, b, **kw),
+                               rtol=1e-6)
 
 
 def test_standard_benchmarks_resolve_offline():

@@ -146,6 +146,8 @@ class EvalConfig(Strict):
                                    "the results (<results>.first_stage.json)")
     dims: list[int]
     symmetric: list[str]
+    rerank_symmetric: bool = Field(description="the reranker scores a symmetric set's pair as the mean of "
+                                   "its two orders")
     max_queries: int | None = Field(gt=0)
     max_corpus: int | None = Field(gt=0)
     max_query_length: int | None = Field(gt=1, description="tokens kept of a query; null = model.max_query_length")

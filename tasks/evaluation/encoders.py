@@ -154,8 +154,9 @@ class MtebReranker:
     Not an AbsEncoder on purpose: mteb must see a CrossEncoderProtocol, not an encoder."""
 
     def __init__(self, model: Reranker, *, name: str, fingerprint: str, prompts: TaskPrompts | None = None,
-                 batch_size: int = 16, max_length: int | None = None):
+                 batch_size: int = 16, max_length: int | None = None, both_orders: Sequence[str] = ()):
         self.model = model
+        self.both_orders = set(both_orders)  # task names scored as the mean of s(a, b) and s(b, a)
         self.prompts = prompts or TaskPrompts.load()
         self.batch_size = batch_size
         self.predict_calls = 0
@@ -170,8 +171,13 @@ class MtebReranker:
                 **kwargs) -> np.ndarray:
         queries, documents = _texts(inputs1), _texts(inputs2)
         self.predict_calls += 1
-        return self.model.score(queries, documents, instruction=self.prompts.for_task(task_metadata),
-                                batch_size=self.batch_size, max_length=self.max_length)
+        score = lambda a, b: self.model.score(a, b, instruction=self.prompts.for_task(task_metadata),
+                                              batch_size=self.batch_size, max_length=self.max_length)
+        if task_metadata.name not in self.both_orders:
+            return score(queries, documents)
+        # a symmetric task has no query side: its relevance is symmetric in the two texts, while a
+        # yes/no judgement of (a, b) is not (a premise "meets" its entailed generalisation)
+        return (score(queries, documents) + score(documents, queries)) / 2
 
 
 # ----------------------------------------------------------------------------- loading models
@@ -264,9 +270,9 @@ def as_mteb_encoder(model, *, prompts: TaskPrompts | None = None, dim: int | Non
 
 
 def as_mteb_reranker(model, *, prompts: TaskPrompts | None = None, batch_size: int = 16, device=None,
-                     max_length: int | None = None, autocast: str | None = None):
+                     max_length: int | None = None, autocast: str | None = None, both_orders: Sequence[str] = ()):
     if hasattr(model, "mteb_model_meta") and hasattr(model, "predict"):
         return model
     loaded = load_reranker_model(model, device=device, autocast=autocast)
     return MtebReranker(loaded.model, name=loaded.name, fingerprint=loaded.fingerprint, prompts=prompts,
-                        batch_size=batch_size, max_length=max_length)
+                        batch_size=batch_size, max_length=max_length, both_orders=both_orders)

@@ -280,7 +280,8 @@ def evaluation_record(
                               max_query_length=cfg.max_query_length, max_doc_length=cfg.max_doc_length,
                               autocast=cfg.autocast)
     rr = as_mteb_reranker(reranker, prompts=table, device=device, max_length=cfg.max_rerank_length,
-                          autocast=cfg.autocast) if reranker is not None else None
+                          autocast=cfg.autocast, both_orders=cfg.symmetric if cfg.rerank_symmetric else ()
+                          ) if reranker is not None else None
     first_stage = None
     if cfg.first_stage and rr is None:
         log.warning("eval.first_stage %s is not used: there is no reranker", cfg.first_stage)
