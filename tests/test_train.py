@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from tasks.config import DataSource, LoraConfig
-from tasks.data import load_sources
+from tasks.data import Pair, load_sources
 from tasks.models import Embedder, Reranker
 from tasks.training import (
     TrainingInterrupted, batch_indices, embedding_batch, embedding_step, list_checkpoints, lr_lambda, train,
 )
+from tasks.training.steps import reranker_examples
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +169,25 @@ def test_two_token_reranker_loss_option(micro_cfg, snli_pairs, tmp_path):
     cfg = micro_cfg.reranker.model_copy(update={"steps": 2, "batch_size": 4, "two_token": True})
     res = train(cfg, micro_cfg.model, tmp_path / "rr2", pairs=snli_pairs[:8], progress=False)
     assert res.history[0]["loss"] < 2.0  # 2-way softmax: about log 2 at the start, not log |V|
+
+
+def test_a_symmetric_pairs_reranker_examples_come_in_a_drawn_order():
+    """reranker.symmetric_order drawn: each example of a symmetric pair has its two texts swapped
+    with probability 1/2, a function of (seed, batch); labels and asymmetric pairs are untouched, and
+    as_given is the order of the pair."""
+    sym = [Pair(f"a{i}", f"b{i}", (f"n{i}",), "Retrieve semantically similar text.", symmetric=True) for i in range(32)]
+    asym = [Pair(f"q{i}", f"d{i}", (f"m{i}",), "Given a question, retrieve passages") for i in range(8)]
+    given, labels = reranker_examples(sym + asym, 1, seed=0, batch=3)
+    assert [(a[0], b) for a, b in zip(given, labels)][:4] == [("a0", 1), ("a0", 0), ("a1", 1), ("a1", 0)]
+    assert all(q[0] in "aq" for q, _, _ in given)
+    drawn, drawn_labels = reranker_examples(sym + asym, 1, seed=0, batch=3, symmetric_order="drawn")
+    assert drawn_labels == labels
+    assert drawn == reranker_examples(sym + asym, 1, seed=0, batch=3, symmetric_order="drawn")[0]
+    assert drawn != reranker_examples(sym + asym, 1, seed=0, batch=4, symmetric_order="drawn")[0]
+    swapped = [d != g for d, g in zip(drawn, given)]
+    assert 16 <= sum(swapped[:64]) <= 48  # about half of the 64 symmetric examples
+    assert not any(swapped[64:])  # the question -> passage pairs keep their order
+    assert all(d == (g[1], g[0], g[2]) for d, g, s in zip(drawn, given, swapped) if s)
 
 
 def test_data_order_is_a_pure_function_of_seed_and_batch():

@@ -221,8 +221,12 @@ class TrainConfig(Strict):
     loss: LossConfig
     sampling: SamplingConfig
     two_token: bool = Field(description="reranker: softmax over yes/no only instead of the vocabulary")
+    symmetric_order: Literal["as_given", "drawn"] = Field(
+        description="reranker: the order of a symmetric pair's two texts (STS, bitext), as given or drawn "
+                    "per example; eval.rerank_symmetric scores such pairs in both orders")
     resources: Resources
     distributed: DistributedConfig
+    KEY_NEUTRAL = {"symmetric_order": "as_given"}
 
     @field_validator("adam_betas")
     @classmethod

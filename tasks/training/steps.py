@@ -226,14 +226,15 @@ def embedding_step(target: Engine | Embedder, batch: EmbeddingBatch, cfg: TrainC
 
 # ----------------------------------------------------------------------------- reranker (eq. 2)
 
-def reranker_examples(pairs: Sequence[Pair], k: int, seed: int, batch: int) -> tuple[list[tuple[str, str, str | None]], list[int]]:
+def reranker_examples(pairs: Sequence[Pair], k: int, seed: int, batch: int, symmetric_order: str = "as_given"
+                      ) -> tuple[list[tuple[str, str, str | None]], list[int]]:
     """Each query gives its positive ("yes") and up to k negatives ("no"): its own hard negatives,
-    topped up with other queries' positives from the batch when it has too few."""
+    topped up with other queries' positives from the batch when it has too few. With
+    `symmetric_order` drawn, each example of a symmetric pair (STS, bitext: either text may come
+    first) has its two texts swapped with probability 1/2, drawn per example from (seed, batch)."""
     examples, labels = [], []
     others = [p.positive for p in pairs]
     for i, p in enumerate(pairs):
-        examples.append((p.query, p.positive, p.instruction))
-        labels.append(1)
         negs = sample_negatives(p, k, seed, batch, i)
         j = 1
         while len(negs) < k and j < len(pairs):
@@ -241,9 +242,12 @@ def reranker_examples(pairs: Sequence[Pair], k: int, seed: int, batch: int) -> t
             if cand != p.positive and cand not in negs:
                 negs.append(cand)
             j += 1
-        for n in negs:
-            examples.append((p.query, n, p.instruction))
-            labels.append(0)
+        docs = [p.positive, *negs]
+        swap = (np.random.default_rng([seed, batch, i, 11]).random(len(docs)) < 0.5
+                if p.symmetric and symmetric_order == "drawn" else np.zeros(len(docs), bool))
+        for slot, d in enumerate(docs):
+            examples.append((d, p.query, p.instruction) if swap[slot] else (p.query, d, p.instruction))
+            labels.append(int(slot == 0))
     return examples, labels
 
 
@@ -260,7 +264,7 @@ def reranker_step(target: Engine | Reranker, pairs: Sequence[Pair], cfg: TrainCo
     shares add up to the mean."""
     engine = as_engine(target)
     model, rank, world = engine.model, engine.rank, engine.world
-    examples, labels = reranker_examples(pairs, cfg.hard_negatives, seed, batch)
+    examples, labels = reranker_examples(pairs, cfg.hard_negatives, seed, batch, cfg.symmetric_order)
     ids = [model.token_ids([q], [d], instr)[0] for q, d, instr in examples]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     total = len(examples)
