@@ -9,6 +9,7 @@ Benchmarks (each module of bench/ with NAME, add_arguments, quick_args, run, ren
   orchestration  the whole flow's wall time vs its stages' compute (overhead); a fully cached rerun
   scaling        training step, encoding and filter scoring at 1x, 2x, 4x data
   ray_train      local training loop vs Ray Train with 1 worker: step time and loss on the same batches
+  rerank         reranker scoring and SFT step, shared prefix vs full pass vs sentence-transformers CrossEncoder
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from bench import harness
 
 QUICK_OUT = Path(tempfile.gettempdir()) / "q3e-bench-quick"  # a smoke run never overwrites the real figures
-ORDER = ("train", "gradcache", "encode", "synthesis", "orchestration", "scaling", "ray_train")
+ORDER = ("train", "gradcache", "encode", "synthesis", "orchestration", "scaling", "ray_train", "rerank")
 SUMMARY = {n: line.split(None, 1)[1] for line in __doc__.split("Benchmarks")[1].splitlines()[1:]
            if (n := line.strip().split(" ", 1)[0]) in ORDER}
 

@@ -99,22 +99,27 @@ def folder_digest(path: str | Path) -> str | None:
     return h.hexdigest()[:16]
 
 
-def key_model(model: ModelConfig, *, gpu: bool) -> ModelConfig:
+def key_model(model: ModelConfig, *, gpu: bool, reranker: bool = False) -> ModelConfig:
     """`model` as a stage key holds it: `autocast: auto` as the stage's device resolves it (a GPU
     where the stage asks for one, else this machine's default device), so a model trained or
-    scored in bf16 and one in float32 never share a folder."""
+    scored in bf16 and one in float32 never share a folder; `share_rerank_prefix` only where the
+    stage trains a reranker (an embedder never reads it)."""
     from tasks.models.backbone import default_device, resolve_autocast
 
     device = "cuda" if gpu else default_device()
-    return model.model_copy(update={"autocast": resolve_autocast(model.autocast, device)})
+    update: dict[str, Any] = {"autocast": resolve_autocast(model.autocast, device)}
+    if not reranker:
+        update["share_rerank_prefix"] = False
+    return model.model_copy(update=update)
 
 
 def train_key(name: str, *, train: TrainConfig, model: ModelConfig, **inputs: Any) -> str:
     """The key of a training stage: `stage_key` over `key_model(model)` on the stage's device."""
     gpu = train.resources.gpus > 0 or (train.distributed.engine == "ray_train" and train.distributed.use_gpu)
-    if train.objective != "embedding":  # the reranker trains on eq. 2 whatever `loss` (eq. 1's settings) says
+    reranker = train.objective != "embedding"
+    if reranker:  # the reranker trains on eq. 2 whatever `loss` (eq. 1's settings) says
         train = train.model_copy(update={"loss": None})
-    return stage_key(name, train=train, model=key_model(model, gpu=gpu), **inputs)
+    return stage_key(name, train=train, model=key_model(model, gpu=gpu, reranker=reranker), **inputs)
 
 
 def synth_key(cfg: SynthConfig, *, data: str, root: str | Path) -> str:

@@ -24,6 +24,7 @@ RUNS = {
     "encode": {"model": "micro", "texts": 1, "max-length": 8, "batch-size": 1, "repeats": 1,
                "variant-texts": 1},
     "scaling": {"batch": 1, "texts": 1, "repeats": 1, "no-memory": True},
+    "rerank": {"model": "micro", "num-layers": 0, "pairs": 2, "train-batch": 2, "repeats": 1, "bf16": "yes"},
 }
 
 
@@ -169,13 +170,36 @@ def test_scaling_rows_are_1x_2x_4x_and_the_verdict_follows_from_them(runs):
         assert close(g["fit_fixed_s"], my - slope * mx, 4), kind
 
 
+@pytest.mark.slow
+def test_rerank_sides_agree_and_the_ratios_follow_from_the_times(runs):
+    r, _ = runs["rerank"]
+    assert list(r["score"]) == ["shared prefix (ours)", "full pass (ours)", "CrossEncoder.predict"]
+    assert list(r["train"]) == ["shared prefix (ours)", "full pass (ours)"]
+    for name, s in r["score"].items():
+        assert s["pairs"] == 2 and s["median_s"] == s["runs_s"][0]
+        assert close(s["pairs_per_s"], 2 / s["median_s"], 2, rel=5e-4 / s["median_s"] + 1e-3), name  # median_s to 1 ms
+    pps = {n: s["pairs_per_s"] for n, s in r["score"].items()}
+    train = {n: s["median_s"] for n, s in r["train"].items()}
+    assert r["ratios"] == {
+        "score: shared / full (throughput)": round(pps["shared prefix (ours)"] / pps["full pass (ours)"], 3),
+        "score: shared / CrossEncoder (throughput)": round(pps["shared prefix (ours)"] / pps["CrossEncoder.predict"], 3),
+        "train: full / shared (step time)": round(train["full pass (ours)"] / train["shared prefix (ours)"], 3)}
+    # the same weights: the shared prefix and the exported cross-encoder score what the full pass does
+    assert max(r["agreement"]["score_max_abs_diff_vs_full"].values()) < 1e-5
+    assert r["agreement"]["train_grad_rel_diff"] < 1e-5
+    b = r["bf16"]
+    assert b["score_max_abs_diff"] < 2e-2
+    assert b["ratios"] == {k: round(b[f"{k}_median_s"]["full pass (ours)"] / b[f"{k}_median_s"]["shared prefix (ours)"], 3)
+                           for k in ("score", "train")}
+
+
 def test_help_lists_every_benchmark_with_what_it_measures(monkeypatch):
     from bench.__main__ import ORDER, SUMMARY, build_parser
 
     monkeypatch.setenv("COLUMNS", "250")  # argparse wraps at hyphens too
     text = " ".join(build_parser().format_help().split())
     assert set(ORDER) == set(SUMMARY) == {"train", "gradcache", "encode", "synthesis", "orchestration",
-                                          "scaling", "ray_train"}
+                                          "scaling", "ray_train", "rerank"}
     for name in ("all", *ORDER):
         assert f" {name} " in text, name
     for name in ORDER:

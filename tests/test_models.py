@@ -121,6 +121,36 @@ def test_reranker_score_is_yes_no_softmax_at_last_position(micro_reranker):
     assert ((scores > 0) & (scores < 1)).all()
 
 
+def test_the_shared_rerank_prefix_gives_the_full_passs_logits_and_gradients(micro_cfg):
+    """model.share_rerank_prefix runs the template's prefix once and the batch attends to its keys and
+    values: the logits and the SFT loss's gradients of the full left-padded pass, to float rounding."""
+    from tasks.losses import reranker_sft_loss
+
+    full, shared = (Reranker.load(micro_cfg.model.model_copy(update={"share_rerank_prefix": on}), device="cpu")
+                    for on in (False, True))
+    qs = ["q one", "a longer query two with more words", "q3"]
+    ds = ["doc", "another document here " * 6, "a third text, of middling length"]
+    input_ids, mask = pad_left(shared.token_ids(qs, ds, "Judge relevance"), shared.pad_id, "cpu")
+    body, body_mask = shared._split_prefix(input_ids, mask)
+    assert body.shape[1] == input_ids.shape[1] - len(shared.prefix_ids)  # the shared path really runs
+    assert torch.equal(body_mask.sum(1), mask.sum(1) - len(shared.prefix_ids))
+    grads = []
+    for model in (full, shared):
+        model.zero_grad()
+        logits = model(input_ids, mask)
+        reranker_sft_loss(logits, torch.tensor([1, 0, 1]), model.yes_id, model.no_id).backward()
+        grads.append((logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    (l_full, g_full), (l_shared, g_shared) = grads
+    assert torch.allclose(l_full, l_shared, atol=1e-5)
+    assert g_full.shape == g_shared.shape and float((g_full - g_shared).norm() / g_full.norm()) < 1e-5
+    assert np.allclose(full.score(qs, ds), shared.score(qs, ds), atol=1e-6)
+    # a batch whose rows do not all start with the prefix takes the full pass
+    other, other_mask = pad_left([shared.prefix_ids + [5, 6, 7], [5, 6] + shared.prefix_ids], shared.pad_id, "cpu")
+    assert shared._split_prefix(other, other_mask) is None
+    with torch.no_grad():
+        assert torch.allclose(shared(other, other_mask), full(other, other_mask), atol=1e-6)
+
+
 def test_cross_encoder_export_gives_the_same_scores(micro_reranker, tmp_path):
     from sentence_transformers import CrossEncoder
 

@@ -100,6 +100,17 @@ def test_eq1_settings_change_the_embedders_not_the_reranker_that_never_reads_the
     assert changed(base_keys, recipe_keys("reranker.steps=7")) == {"reranker"}  # its own settings still count
 
 
+def test_the_shared_rerank_prefix_keys_only_the_reranker(base_keys):
+    """Only the reranker reads model.share_rerank_prefix; off, its key is the one from before the option."""
+    off = recipe_keys("model.share_rerank_prefix=false")
+    assert changed(base_keys, off) == {"reranker"}
+    cfg = load_config("micro", ["model.share_rerank_prefix=false"])
+    earlier = cfg.reranker_backbone.model_dump(mode="json")
+    del earlier["share_rerank_prefix"], earlier["autocast"]  # as keys saw the model before either option
+    reranker = cfg.reranker.model_copy(update={"loss": None})
+    assert off["reranker"] == stage_key("reranker", train=reranker, model=earlier, filtered=off["filter"], data=DATA)
+
+
 def test_a_gpu_stage_resolves_auto_for_the_gpu(monkeypatch):
     seen = []
     monkeypatch.setattr("tasks.models.backbone.native_bf16", lambda device: seen.append(str(device)) or True)

@@ -57,9 +57,11 @@ class ModelConfig(Strict):
     embedding_dim: int | None = Field(gt=0, description="MRL output dimension; null = full")
     num_layers: int | None = Field(gt=0, description="keep only the backbone's first N decoder layers "
                                                           "(its final norm stays); null = all")
+    share_rerank_prefix: bool = Field(description="the reranker runs its template's fixed prefix (the system "
+                                                  "prompt) once per pass and shares its keys and values across the batch")
     micro: MicroConfig
 
-    KEY_NEUTRAL = {"autocast": None}
+    KEY_NEUTRAL = {"autocast": None, "share_rerank_prefix": False}
 
 
 # ----------------------------------------------------------------------------- training

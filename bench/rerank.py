@@ -1,0 +1,179 @@
+"""Reranker scoring and training: ours with the shared prefix (`model.share_rerank_prefix`, the
+default) and with the full pass, against sentence-transformers' `CrossEncoder` on the same weights.
+
+The reranker's template starts with the same system prompt for every pair (SPEC 1; 39 tokens on
+SmolLM2). With the shared prefix our reranker runs it once per forward pass and the batch attends
+to its keys and values; the full pass runs it in every row, as a cross-encoder does. The reranker
+is exported with `.save()` (`cross-encoder/`, a 1-logit sequence classifier whose sigmoid is the
+yes/no softmax) and loaded back by `CrossEncoder`, so all three score the same real pairs (SNLI dev
+premise / entailed hypothesis, the stage-2 instruction) with the same weights, batch size and
+maximum length; each side runs in this process, alternating, after a warm-up, median of --repeats.
+
+  score   seconds to score --pairs pairs; the three sides' scores compared (max abs difference)
+  train   one SFT step (eq. 2 loss over --train-batch examples, forward and backward), shared
+          prefix against full pass; the gradients compared (relative L2 difference)
+
+With --bf16 (default: where the CPU multiplies bf16 natively, AVX512-BF16 / AMX), the smol preset's
+reranker setting `autocast: bfloat16` is timed as well, shared against full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import harness
+from bench.train import BACKBONES
+
+NAME = "rerank"
+INSTRUCTION = "Given a premise, retrieve a hypothesis that is entailed by the premise"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="micro or smollm2 (default)")
+    p.add_argument("--num-layers", type=int, default=8,
+                   help="keep the backbone's first N layers (default 8, the smol preset's reranker; 0 = all)")
+    p.add_argument("--pairs", type=int, default=128, help="pairs to score (default 128)")
+    p.add_argument("--batch-size", type=int, default=16, help="scoring batch size (default 16, eval.batch_size)")
+    p.add_argument("--train-batch", type=int, default=16,
+                   help="examples per training step (default 16: the smol preset's 8 pairs x (1 + 1 negative))")
+    p.add_argument("--max-length", type=int, default=192, help="max tokens per pair (default 192, the smol preset's)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per side, median (default 3)")
+    p.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
+                   help="also time autocast bf16 (auto = where the CPU has bf16 matrix instructions)")
+
+
+def quick_args(args: argparse.Namespace) -> None:
+    args.model, args.num_layers, args.pairs, args.train_batch, args.repeats = "micro", 0, 8, 4, 1
+
+
+def load(args, share: bool, autocast: str | None):
+    from tasks.config import ModelConfig
+    from tasks.models import Reranker
+
+    cfg = ModelConfig(backbone=BACKBONES.get(args.model, args.model), dtype="float32", autocast=autocast,
+                      max_rerank_length=args.max_length, num_layers=args.num_layers or None,
+                      share_rerank_prefix=share)
+    return Reranker.load(cfg, device="cpu")
+
+
+def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from tasks.losses import reranker_sft_loss
+    from tasks.models import cross_encoder_pair, pad_left
+    from tasks.models.backbone import native_bf16
+
+    pairs = harness.snli_pairs(max(args.pairs, args.train_batch))
+    queries, docs = [p.query for p in pairs[: args.pairs]], [p.positive for p in pairs[: args.pairs]]
+    bs, ml = args.batch_size, args.max_length
+    torch.manual_seed(0)
+    shared, full = load(args, True, None), load(args, False, None)
+    full.load_state_dict(shared.state_dict())  # one set of weights (the micro model is seeded anyway)
+    for m in (shared, full):
+        m.eval()
+    ids = shared.token_ids(queries, docs, INSTRUCTION, ml)
+    tokens = sum(len(x) for x in ids)
+    with tempfile.TemporaryDirectory(prefix="bench-rerank-") as tmp:
+        ce = CrossEncoder(str(shared.save(Path(tmp) / "rr") / "cross-encoder"), device="cpu", max_length=ml)
+    ce_pairs = [cross_encoder_pair(q, d, INSTRUCTION) for q, d in zip(queries, docs)]
+    outs: dict[str, Any] = {}
+
+    def scorer(name, model):
+        def f(i):
+            outs[name] = model.score(queries, docs, instruction=INSTRUCTION, batch_size=bs, max_length=ml)
+        return f
+
+    def cross_encoder(i):
+        outs["CrossEncoder.predict"] = np.asarray(ce.predict(ce_pairs, batch_size=bs, show_progress_bar=False))
+
+    prefix = len(shared.prefix_ids)
+    log(f"rerank: {args.pairs} SNLI pairs ({tokens} tokens, the shared prefix {prefix} of each), batch {bs}, "
+        f"{args.model}{f' first {args.num_layers} layers' if args.num_layers else ''}")
+    sides = {"shared prefix (ours)": scorer("shared prefix (ours)", shared),
+             "full pass (ours)": scorer("full pass (ours)", full), "CrossEncoder.predict": cross_encoder}
+    times = harness.alternate(sides, repeats=args.repeats, warmup=1, log=log)
+    score_rows = {name: {"pairs": args.pairs, "tokens": tokens, "runs_s": [round(t, 3) for t in ts],
+                         "median_s": round(harness.median(ts), 3),
+                         "pairs_per_s": round(args.pairs / harness.median(ts), 2)} for name, ts in times.items()}
+    base = outs["full pass (ours)"]
+    agreement = {name: float(np.abs(outs[name] - base).max()) for name in ("shared prefix (ours)", "CrossEncoder.predict")}
+
+    examples = pairs[: args.train_batch]
+    step_ids = [shared.token_ids([p.query], [p.positive if i % 2 == 0 else p.negatives[0]], INSTRUCTION, ml)[0]
+                for i, p in enumerate(examples)]
+    labels = torch.tensor([int(i % 2 == 0) for i in range(len(examples))])
+    grads: dict[str, torch.Tensor] = {}
+
+    def stepper(name, model):
+        def f(i):
+            model.train()
+            model.zero_grad()
+            input_ids, mask = pad_left(step_ids, model.pad_id, "cpu")
+            reranker_sft_loss(model(input_ids, mask), labels, model.yes_id, model.no_id).backward()
+            grads[name] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return f
+
+    step_tokens = sum(len(x) for x in step_ids)
+    log(f"train step: {len(step_ids)} examples ({step_tokens} tokens), eq. 2 loss, forward + backward")
+    st = harness.alternate({"shared prefix (ours)": stepper("shared", shared), "full pass (ours)": stepper("full", full)},
+                           repeats=args.repeats, warmup=1, log=log)
+    train_rows = {name: {"examples": len(step_ids), "tokens": step_tokens, "runs_s": [round(t, 3) for t in ts],
+                         "median_s": round(harness.median(ts), 3)} for name, ts in st.items()}
+    grad_diff = float((grads["shared"] - grads["full"]).norm() / grads["full"].norm())
+
+    bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and native_bf16("cpu"))
+    bf16_rows: dict[str, Any] = {}
+    if bf16:
+        for m in (shared, full):
+            m.cfg = m.cfg.model_copy(update={"autocast": "bfloat16"})
+            m.eval()
+        log("bf16 (autocast): scoring and a train step, shared against full")
+        bt = harness.alternate({"shared prefix (ours)": scorer("bf16 shared", shared),
+                                "full pass (ours)": scorer("bf16 full", full)}, repeats=args.repeats, warmup=1, log=log)
+        bst = harness.alternate({"shared prefix (ours)": stepper("bf16 shared", shared),
+                                 "full pass (ours)": stepper("bf16 full", full)}, repeats=args.repeats, warmup=1, log=log)
+        bf16_rows = {"score_median_s": {n: round(harness.median(ts), 3) for n, ts in bt.items()},
+                     "train_median_s": {n: round(harness.median(ts), 3) for n, ts in bst.items()},
+                     "score_max_abs_diff": float(np.abs(outs["bf16 shared"] - outs["bf16 full"]).max())}
+        bf16_rows["ratios"] = {k: round(v["full pass (ours)"] / v["shared prefix (ours)"], 3)
+                               for k, v in (("score", bf16_rows["score_median_s"]), ("train", bf16_rows["train_median_s"]))}
+    pps = {n: r["pairs_per_s"] for n, r in score_rows.items()}
+    ratios = {"score: shared / full (throughput)": round(pps["shared prefix (ours)"] / pps["full pass (ours)"], 3),
+              "score: shared / CrossEncoder (throughput)": round(pps["shared prefix (ours)"] / pps["CrossEncoder.predict"], 3),
+              "train: full / shared (step time)": round(train_rows["full pass (ours)"]["median_s"]
+                                                        / train_rows["shared prefix (ours)"]["median_s"], 3)}
+    return {"model": args.model, "num_layers": args.num_layers, "pairs": args.pairs, "batch_size": bs,
+            "max_length": ml, "repeats": args.repeats, "prefix_tokens": prefix, "tokens": tokens,
+            "data": "triplets-en/snli_dev_triplets.jsonl (premise, entailed hypothesis; contradiction as negative)",
+            "score": score_rows, "train": train_rows, "ratios": ratios,
+            "agreement": {"score_max_abs_diff_vs_full": agreement, "train_grad_rel_diff": grad_diff},
+            "bf16": bf16_rows}
+
+
+def render(result: dict[str, Any]) -> str:
+    layers = f", first {result['num_layers']} layers" if result["num_layers"] else ""
+    diff = result["agreement"]["score_max_abs_diff_vs_full"]
+    rows = [[name, r["pairs"], r["median_s"], r["pairs_per_s"], diff.get(name, 0.0), " ".join(map(str, r["runs_s"]))]
+            for name, r in result["score"].items()]
+    out = [harness.table(["scorer", "pairs", "median s", "pairs/s", "max |score - full|", "runs s"], rows,
+                         title=f"rerank: {result['model']}{layers}, {result['pairs']} SNLI pairs ({result['tokens']} "
+                               f"tokens, a {result['prefix_tokens']}-token shared prefix each), batch "
+                               f"{result['batch_size']}, median of {result['repeats']} alternating"),
+           harness.table(["train step", "examples", "tokens", "median s", "runs s"],
+                         [[n, r["examples"], r["tokens"], r["median_s"], " ".join(map(str, r["runs_s"]))]
+                          for n, r in result["train"].items()],
+                         title=f"one SFT step, forward + backward (gradients shared vs full: relative difference "
+                               f"{result['agreement']['train_grad_rel_diff']:.2e})"),
+           "\n".join(f"- {k}: {v:.2f}x" for k, v in result["ratios"].items())]
+    if result["bf16"]:
+        b = result["bf16"]
+        out.append(harness.table(["bf16 autocast", "shared s", "full s", "full / shared"],
+                                 [[k, b[f"{k}_median_s"]["shared prefix (ours)"], b[f"{k}_median_s"]["full pass (ours)"],
+                                   f"{b['ratios'][k]:.2f}x"] for k in ("score", "train")],
+                                 title=f"bf16 (max |score shared - full| {b['score_max_abs_diff']:.2e})"))
+    return "\n\n".join(out)
