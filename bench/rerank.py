@@ -12,6 +12,10 @@ maximum length; each side runs in this process, alternating, after a warm-up, me
   score   seconds to score --pairs pairs; the three sides' scores compared (max abs difference)
   train   one SFT step (eq. 2 loss over --train-batch examples, forward and backward), shared
           prefix against full pass; the gradients compared (relative L2 difference)
+  step    the training stage's own step function (`tasks.training.steps.reranker_step`) on a
+          preset's reranker data and model (--preset, default smol: its data, passes of
+          `length_bucket` examples, its autocast), --steps steps, the two settings alternating
+          step by step on the same weights; the median of steps 2 onwards
 
 With --bf16 (default: where the CPU multiplies bf16 natively, AVX512-BF16 / AMX), the smol preset's
 reranker setting `autocast: bfloat16` is timed as well, shared against full.
@@ -41,12 +45,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="examples per training step (default 16: the smol preset's 8 pairs x (1 + 1 negative))")
     p.add_argument("--max-length", type=int, default=192, help="max tokens per pair (default 192, the smol preset's)")
     p.add_argument("--repeats", type=int, default=3, help="runs per side, median (default 3)")
+    p.add_argument("--preset", default="smol", help="preset whose reranker step is timed (default smol)")
+    p.add_argument("--steps", type=int, default=9, help="reranker steps of the preset per side (default 9; 0 = skip)")
     p.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
                    help="also time autocast bf16 (auto = where the CPU has bf16 matrix instructions)")
 
 
 def quick_args(args: argparse.Namespace) -> None:
     args.model, args.num_layers, args.pairs, args.train_batch, args.repeats = "micro", 0, 8, 4, 1
+    args.preset, args.steps = "micro", 2
+
+
+def preset_steps(args, log) -> dict[str, Any]:
+    """Alternating A/B of the preset's reranker step, shared prefix against full pass."""
+    import statistics
+    import time
+
+    from tasks.config import load_config
+    from tasks.data import load_sources
+    from tasks.models import Reranker
+    from tasks.training.steps import batch_indices, reranker_step
+
+    cfg = load_config(args.preset)
+    t = cfg.reranker
+    # the project's data/ (made by `make run`: `dvc pull` and the derived sets), else the shared
+    # data it is copied from (enough for the micro preset's SNLI file)
+    root = harness.ROOT if (harness.ROOT / "data").is_dir() else harness.SHARED_DATA.parent
+    pairs = list(load_sources(t.data, root))
+    models = {on: Reranker.load(cfg.reranker_backbone.model_copy(update={"share_rerank_prefix": on}), device="cpu")
+              for on in (True, False)}
+    models[False].load_state_dict(models[True].state_dict())
+    names = {True: "shared prefix (ours)", False: "full pass (ours)"}
+    times: dict[str, list[float]] = {n: [] for n in names.values()}
+    losses: dict[str, list[float]] = {n: [] for n in names.values()}
+    for b in range(args.steps):
+        batch = [pairs[i] for i in batch_indices(len(pairs), b, t.batch_size, t.seed)]
+        for on in ((True, False) if b % 2 == 0 else (False, True)):
+            model = models[on]
+            model.train()
+            model.zero_grad()
+            t0 = time.perf_counter()
+            loss, _ = reranker_step(model, batch, t, t.seed, b, 1.0)
+            times[names[on]].append(round(time.perf_counter() - t0, 3))
+            losses[names[on]].append(loss)
+        log(f"  step {b + 1}/{args.steps}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in times))
+    med = {n: round(statistics.median(ts[1:] or ts), 3) for n, ts in times.items()}
+    return {"preset": args.preset, "pairs": len(pairs), "batch_size": t.batch_size, "length_bucket": t.length_bucket,
+            "autocast": models[True].cfg.autocast, "steps": args.steps, "step_s": times, "median_s": med,
+            "max_abs_loss_diff": max(abs(a - b) for a, b in zip(*losses.values())),
+            "ratio_full_over_shared": round(med["full pass (ours)"] / med["shared prefix (ours)"], 3)}
 
 
 def load(args, share: bool, autocast: str | None):
@@ -142,6 +189,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
                      "score_max_abs_diff": float(np.abs(outs["bf16 shared"] - outs["bf16 full"]).max())}
         bf16_rows["ratios"] = {k: round(v["full pass (ours)"] / v["shared prefix (ours)"], 3)
                                for k, v in (("score", bf16_rows["score_median_s"]), ("train", bf16_rows["train_median_s"]))}
+    step = preset_steps(args, log) if args.steps > 0 else {}
     pps = {n: r["pairs_per_s"] for n, r in score_rows.items()}
     ratios = {"score: shared / full (throughput)": round(pps["shared prefix (ours)"] / pps["full pass (ours)"], 3),
               "score: shared / CrossEncoder (throughput)": round(pps["shared prefix (ours)"] / pps["CrossEncoder.predict"], 3),
@@ -152,7 +200,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
             "data": "triplets-en/snli_dev_triplets.jsonl (premise, entailed hypothesis; contradiction as negative)",
             "score": score_rows, "train": train_rows, "ratios": ratios,
             "agreement": {"score_max_abs_diff_vs_full": agreement, "train_grad_rel_diff": grad_diff},
-            "bf16": bf16_rows}
+            "bf16": bf16_rows, "preset_step": step}
 
 
 def render(result: dict[str, Any]) -> str:
@@ -160,7 +208,7 @@ def render(result: dict[str, Any]) -> str:
     diff = result["agreement"]["score_max_abs_diff_vs_full"]
     rows = [[name, r["pairs"], r["median_s"], r["pairs_per_s"], diff.get(name, 0.0), " ".join(map(str, r["runs_s"]))]
             for name, r in result["score"].items()]
-    out = [harness.table(["scorer", "pairs", "median s", "pairs/s", "max |score - full|", "runs s"], rows,
+    out = [harness.table(["scorer", "pairs", "median s", "pairs/s", "max abs diff to full", "runs s"], rows,
                          title=f"rerank: {result['model']}{layers}, {result['pairs']} SNLI pairs ({result['tokens']} "
                                f"tokens, a {result['prefix_tokens']}-token shared prefix each), batch "
                                f"{result['batch_size']}, median of {result['repeats']} alternating"),
@@ -175,5 +223,13 @@ def render(result: dict[str, Any]) -> str:
         out.append(harness.table(["bf16 autocast", "shared s", "full s", "full / shared"],
                                  [[k, b[f"{k}_median_s"]["shared prefix (ours)"], b[f"{k}_median_s"]["full pass (ours)"],
                                    f"{b['ratios'][k]:.2f}x"] for k in ("score", "train")],
-                                 title=f"bf16 (max |score shared - full| {b['score_max_abs_diff']:.2e})"))
+                                 title=f"bf16 (scores shared against full: max abs diff {b['score_max_abs_diff']:.2e})"))
+    if result.get("preset_step"):
+        p = result["preset_step"]
+        out.append(harness.table(["reranker_step", "median s", "steps s"],
+                                 [[n, p["median_s"][n], " ".join(map(str, ts))] for n, ts in p["step_s"].items()],
+                                 title=f"the {p['preset']} preset's reranker step ({p['pairs']} pairs, batch "
+                                       f"{p['batch_size']}, passes of {p['length_bucket']}, autocast {p['autocast']}), "
+                                       f"{p['steps']} steps alternating, median from step 2: full / shared "
+                                       f"{p['ratio_full_over_shared']:.2f}x (largest loss difference {p['max_abs_loss_diff']:.1e})"))
     return "\n\n".join(out)
