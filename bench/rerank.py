@@ -14,8 +14,11 @@ maximum length; each side runs in this process, alternating, after a warm-up, me
           prefix against full pass; the gradients compared (relative L2 difference)
   step    the training stage's own step function (`tasks.training.steps.reranker_step`) on a
           preset's reranker data and model (--preset, default smol: its data, passes of
-          `length_bucket` examples, its autocast), --steps steps, the two settings alternating
-          step by step on the same weights; the median of steps 2 onwards
+          `length_bucket` examples, its autocast), --steps steps, the settings alternating step
+          by step on the same weights (the order rotated each step); the median of steps 2 onwards.
+          A third side runs the shared prefix with `attn_implementation: eager` (attention as
+          plain matrix products) instead of torch's SDPA, whose CPU flash-attention backward is
+          several times its forward
 
 With --bf16 (default: where the CPU multiplies bf16 natively, AVX512-BF16 / AMX), the smol preset's
 reranker setting `autocast: bfloat16` is timed as well, shared against full.
@@ -72,28 +75,33 @@ def preset_steps(args, log) -> dict[str, Any]:
     # data it is copied from (enough for the micro preset's SNLI file)
     root = harness.ROOT if (harness.ROOT / "data").is_dir() else harness.SHARED_DATA.parent
     pairs = list(load_sources(t.data, root))
-    models = {on: Reranker.load(cfg.reranker_backbone.model_copy(update={"share_rerank_prefix": on}), device="cpu")
-              for on in (True, False)}
-    models[False].load_state_dict(models[True].state_dict())
-    names = {True: "shared prefix (ours)", False: "full pass (ours)"}
-    times: dict[str, list[float]] = {n: [] for n in names.values()}
-    losses: dict[str, list[float]] = {n: [] for n in names.values()}
+    sides = {"shared prefix (ours)": {"share_rerank_prefix": True},
+             "full pass (ours)": {"share_rerank_prefix": False},
+             "shared prefix, eager attention": {"share_rerank_prefix": True, "attn_implementation": "eager"}}
+    models = {n: Reranker.load(cfg.reranker_backbone.model_copy(update=u), device="cpu") for n, u in sides.items()}
+    for n in list(sides)[1:]:
+        models[n].load_state_dict(models["shared prefix (ours)"].state_dict())
+    names = list(sides)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    losses: dict[str, list[float]] = {n: [] for n in names}
     for b in range(args.steps):
         batch = [pairs[i] for i in batch_indices(len(pairs), b, t.batch_size, t.seed)]
-        for on in ((True, False) if b % 2 == 0 else (False, True)):
-            model = models[on]
+        for n in names[b % len(names):] + names[: b % len(names)]:
+            model = models[n]
             model.train()
             model.zero_grad()
             t0 = time.perf_counter()
             loss, _ = reranker_step(model, batch, t, t.seed, b, 1.0)
-            times[names[on]].append(round(time.perf_counter() - t0, 3))
-            losses[names[on]].append(loss)
+            times[n].append(round(time.perf_counter() - t0, 3))
+            losses[n].append(loss)
         log(f"  step {b + 1}/{args.steps}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in times))
     med = {n: round(statistics.median(ts[1:] or ts), 3) for n, ts in times.items()}
+    full = "full pass (ours)"
     return {"preset": args.preset, "pairs": len(pairs), "batch_size": t.batch_size, "length_bucket": t.length_bucket,
-            "autocast": models[True].cfg.autocast, "steps": args.steps, "step_s": times, "median_s": med,
-            "max_abs_loss_diff": max(abs(a - b) for a, b in zip(*losses.values())),
-            "ratio_full_over_shared": round(med["full pass (ours)"] / med["shared prefix (ours)"], 3)}
+            "autocast": models[full].cfg.autocast, "steps": args.steps, "step_s": times, "median_s": med,
+            "max_abs_loss_diff_vs_full": {n: max(abs(a - b) for a, b in zip(losses[n], losses[full]))
+                                          for n in names if n != full},
+            "ratio_full_over": {n: round(med[full] / med[n], 3) for n in names if n != full}}
 
 
 def load(args, share: bool, autocast: str | None):
@@ -230,6 +238,8 @@ def render(result: dict[str, Any]) -> str:
                                  [[n, p["median_s"][n], " ".join(map(str, ts))] for n, ts in p["step_s"].items()],
                                  title=f"the {p['preset']} preset's reranker step ({p['pairs']} pairs, batch "
                                        f"{p['batch_size']}, passes of {p['length_bucket']}, autocast {p['autocast']}), "
-                                       f"{p['steps']} steps alternating, median from step 2: full / shared "
-                                       f"{p['ratio_full_over_shared']:.2f}x (largest loss difference {p['max_abs_loss_diff']:.1e})"))
+                                       f"{p['steps']} steps alternating, median from step 2; full pass / side: "
+                                       + ", ".join(f"{n} {r:.2f}x" for n, r in p["ratio_full_over"].items())
+                                       + " (largest loss difference to the full pass: "
+                                       + ", ".join(f"{d:.1e}" for d in p["max_abs_loss_diff_vs_full"].values()) + ")"))
     return "\n\n".join(out)
