@@ -35,7 +35,6 @@ from bench import harness
 from bench.train import BACKBONES
 
 NAME = "rerank"
-INSTRUCTION = "Given a premise, retrieve a hypothesis that is entailed by the premise"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -125,22 +124,23 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
 
     pairs = harness.snli_pairs(max(args.pairs, args.train_batch))
     queries, docs = [p.query for p in pairs[: args.pairs]], [p.positive for p in pairs[: args.pairs]]
+    instruction = pairs[0].instruction  # the stage-2 SNLI instruction harness.snli_pairs gives every pair
     bs, ml = args.batch_size, args.max_length
     torch.manual_seed(0)
     shared, full = load(args, True, None), load(args, False, None)
     full.load_state_dict(shared.state_dict())  # one set of weights (the micro model is seeded anyway)
     for m in (shared, full):
         m.eval()
-    ids = shared.token_ids(queries, docs, INSTRUCTION, ml)
+    ids = shared.token_ids(queries, docs, instruction, ml)
     tokens = sum(len(x) for x in ids)
     with tempfile.TemporaryDirectory(prefix="bench-rerank-") as tmp:
         ce = CrossEncoder(str(shared.save(Path(tmp) / "rr") / "cross-encoder"), device="cpu", max_length=ml)
-    ce_pairs = [cross_encoder_pair(q, d, INSTRUCTION) for q, d in zip(queries, docs)]
+    ce_pairs = [cross_encoder_pair(q, d, instruction) for q, d in zip(queries, docs)]
     outs: dict[str, Any] = {}
 
     def scorer(name, model):
         def f(i):
-            outs[name] = model.score(queries, docs, instruction=INSTRUCTION, batch_size=bs, max_length=ml)
+            outs[name] = model.score(queries, docs, instruction=instruction, batch_size=bs, max_length=ml)
         return f
 
     def cross_encoder(i):
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     agreement = {name: float(np.abs(outs[name] - base).max()) for name in ("shared prefix (ours)", "CrossEncoder.predict")}
 
     examples = pairs[: args.train_batch]
-    step_ids = [shared.token_ids([p.query], [p.positive if i % 2 == 0 else p.negatives[0]], INSTRUCTION, ml)[0]
+    step_ids = [shared.token_ids([p.query], [p.positive if i % 2 == 0 else p.negatives[0]], instruction, ml)[0]
                 for i, p in enumerate(examples)]
     labels = torch.tensor([int(i % 2 == 0) for i in range(len(examples))])
     grads: dict[str, torch.Tensor] = {}
