@@ -226,9 +226,12 @@ class TrainConfig(Strict):
     symmetric_order: Literal["as_given", "drawn"] = Field(
         description="reranker: the order of a symmetric pair's two texts (STS, bitext), as given or drawn "
                     "per example; eval.rerank_symmetric scores such pairs in both orders")
+    freeze_embeddings: bool = Field(
+        description="keep the token embedding matrix (and the LM head where it is tied to it) at its "
+                    "initial values: no gradient, no AdamW state for it")
     resources: Resources
     distributed: DistributedConfig
-    KEY_NEUTRAL = {"symmetric_order": "as_given"}
+    KEY_NEUTRAL = {"symmetric_order": "as_given", "freeze_embeddings": False}
 
     @field_validator("adam_betas")
     @classmethod
