@@ -320,3 +320,13 @@ def test_a_setting_added_later_keeps_earlier_stage_keys_at_its_neutral_value(mic
     assert stage_key("stage1", model=model) == stage_key("stage1", model=earlier)
     assert stage_key("stage1", model=model.model_copy(update={"autocast": "bfloat16"})) != stage_key(
         "stage1", model=model)
+
+
+def test_freezing_the_embeddings_keys_only_the_stage_that_freezes(base_keys, micro_cfg):
+    """stage.freeze_embeddings changes what a stage trains: set in stage 2 it changes stage 2 and the
+    merge, in the reranker the reranker only; left false, a stage's key is the one from before the option."""
+    assert changed(base_keys, recipe_keys("stage2.freeze_embeddings=true")) == {"stage2", "merge"}
+    assert changed(base_keys, recipe_keys("reranker.freeze_embeddings=true")) == {"reranker"}
+    earlier = micro_cfg.stage2.model_dump(mode="json")
+    del earlier["freeze_embeddings"], earlier["symmetric_order"]  # as keys saw it before either option
+    assert stage_key("stage2", train=micro_cfg.stage2) == stage_key("stage2", train=earlier)

@@ -165,6 +165,31 @@ def test_reranker_learns_yes_for_positives(micro_cfg, snli_pairs, tmp_path, auto
     assert (res.final / "cross-encoder" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("objective", ["embedding", "reranker"])
+def test_frozen_embeddings_stay_as_loaded_while_the_layers_train(micro_cfg, snli_pairs, tmp_path, objective):
+    """freeze_embeddings: the token embedding matrix (the reranker's LM head is the same tensor in a
+    tied model) leaves training as it came in, every other weight moves; resuming keeps it so."""
+    base = micro_cfg.stage2 if objective == "embedding" else micro_cfg.reranker
+    cfg = base.model_copy(update={"steps": 4, "batch_size": 4, "checkpoint_every": 2, "lr": 1e-2,
+                                  "freeze_embeddings": True})
+    res = train(cfg, micro_cfg.model, tmp_path / "frozen", pairs=snli_pairs[:16], progress=False)
+    plain = train(cfg.model_copy(update={"freeze_embeddings": False}), micro_cfg.model, tmp_path / "plain",
+                  pairs=snli_pairs[:16], progress=False)
+    start = (Embedder if objective == "embedding" else Reranker).load(micro_cfg.model, device="cpu")
+    start = {k: v for k, v in start.backbone.state_dict().items()}
+    frozen, moved = _weights(res.final), _weights(plain.final)
+    emb = [k for k in frozen if k.endswith("embed_tokens.weight")]
+    assert len(emb) == 1 and torch.equal(frozen[emb[0]], start[emb[0]])
+    assert not torch.equal(moved[emb[0]], start[emb[0]])  # trained, the same steps move it
+    layers = [k for k in frozen if "layers." in k and k.endswith("weight") and "norm" not in k]
+    assert layers and all(not torch.equal(frozen[k], start[k]) for k in layers)
+    # interrupted after 2 steps and resumed: the same weights as straight through
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, micro_cfg.model, tmp_path / "again", pairs=snli_pairs[:16], progress=False, stop_after=2)
+    again = _weights(train(cfg, micro_cfg.model, tmp_path / "again", pairs=snli_pairs[:16], progress=False).final)
+    assert all(torch.equal(again[k], frozen[k]) for k in frozen)
+
+
 def test_two_token_reranker_loss_option(micro_cfg, snli_pairs, tmp_path):
     cfg = micro_cfg.reranker.model_copy(update={"steps": 2, "batch_size": 4, "two_token": True})
     res = train(cfg, micro_cfg.model, tmp_path / "rr2", pairs=snli_pairs[:8], progress=False)
