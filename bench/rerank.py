@@ -12,13 +12,15 @@ maximum length; each side runs in this process, alternating, after a warm-up, me
   score   seconds to score --pairs pairs; the three sides' scores compared (max abs difference)
   train   one SFT step (eq. 2 loss over --train-batch examples, forward and backward), shared
           prefix against full pass; the gradients compared (relative L2 difference)
-  step    the training stage's own step function (`tasks.training.steps.reranker_step`) on a
-          preset's reranker data and model (--preset, default smol: its data, passes of
-          `length_bucket` examples, its autocast), --steps steps, the settings alternating step
-          by step on the same weights (the order rotated each step); the median of steps 2 onwards.
-          A third side runs the shared prefix with `attn_implementation: eager` (attention as
-          plain matrix products) instead of torch's SDPA, whose CPU flash-attention backward is
-          several times its forward
+  step    whole optimizer steps of a preset's training stages (--preset, default smol: their data
+          files, batches, passes of `length_bucket` examples, autocast, AdamW and clipping, as the
+          pipeline's training loop runs them), --steps steps per side, the sides alternating step
+          by step (the order rotated each step), each side a model loaded from the same weights;
+          the median of steps 2 onwards. The reranker: the shared prefix against the full pass,
+          torch's SDPA against `attn_implementation: eager` (attention as plain matrix products;
+          SDPA's CPU flash-attention backward is several times its forward), and the embedding
+          matrix trained against frozen (`freeze_embeddings`: its gradient is dense, every row of
+          the vocabulary). Stage 2: the embedding matrix trained against frozen
 
 With --bf16 (default: where the CPU multiplies bf16 natively, AVX512-BF16 / AMX), the smol preset's
 reranker setting `autocast: bfloat16` is timed as well, shared against full.
@@ -58,49 +60,86 @@ def quick_args(args: argparse.Namespace) -> None:
     args.preset, args.steps = "micro", 2
 
 
-def preset_steps(args, log) -> dict[str, Any]:
-    """Alternating A/B of the preset's reranker step, shared prefix against full pass."""
+# The preset's whole optimizer steps: side -> (reranker_model changes, freeze_embeddings). The first
+# side is the reference the others are divided by: the step as the smol preset ran it at c296a31.
+RERANKER_SIDES = {
+    "shared prefix, SDPA": ({"share_rerank_prefix": True, "attn_implementation": "sdpa"}, False),
+    "full pass, SDPA": ({"share_rerank_prefix": False, "attn_implementation": "sdpa"}, False),
+    "shared prefix, eager": ({"share_rerank_prefix": True, "attn_implementation": "eager"}, False),
+    "shared prefix, eager, frozen embeddings": ({"share_rerank_prefix": True, "attn_implementation": "eager"}, True),
+}
+EMBEDDER_SIDES = {"embeddings trained": ({}, False), "frozen embeddings": ({}, True)}
+
+
+def alternate_steps(stage: str, cfg, sides: dict, steps: int, log) -> dict[str, Any]:
+    """Whole optimizer steps of a preset's training stage (`stage2` or `reranker`: its data, batches,
+    passes, autocast, AdamW and clipping, as `tasks.training.loop.fit` runs them), one model per side
+    loaded from the same weights, the sides alternating step by step (the order rotated each step);
+    the median of steps 2 onwards, and each side's first-step loss against the first side's (the same
+    weights and batch: equal to the rounding of the side's settings)."""
     import statistics
     import time
 
-    from tasks.config import load_config
     from tasks.data import load_sources
-    from tasks.models import Reranker
-    from tasks.training.steps import batch_indices, reranker_step
+    from tasks.models import Embedder, Reranker, freeze_embeddings
+    from tasks.training.engines import LocalEngine
+    from tasks.training.steps import batch_indices, config_at_step, embedding_batch, embedding_step, reranker_step
 
-    cfg = load_config(args.preset)
-    t = cfg.reranker
+    t = getattr(cfg, stage)
+    mcfg = cfg.reranker_backbone if stage == "reranker" else cfg.model
+    cls = Reranker if stage == "reranker" else Embedder
     # the project's data/ (made by `make run`: `dvc pull` and the derived sets), else the shared
     # data it is copied from (enough for the micro preset's SNLI file)
     root = harness.ROOT if (harness.ROOT / "data").is_dir() else harness.SHARED_DATA.parent
     pairs = list(load_sources(t.data, root))
-    sides = {"shared prefix (ours)": {"share_rerank_prefix": True},
-             "full pass (ours)": {"share_rerank_prefix": False},
-             "shared prefix, eager attention": {"share_rerank_prefix": True, "attn_implementation": "eager"}}
-    models = {n: Reranker.load(cfg.reranker_backbone.model_copy(update=u), device="cpu") for n, u in sides.items()}
-    for n in list(sides)[1:]:
-        models[n].load_state_dict(models["shared prefix (ours)"].state_dict())
     names = list(sides)
+    engines = {}
+    for n, (update, frozen) in sides.items():
+        model = cls.load(mcfg.model_copy(update=update), device="cpu")
+        if engines:
+            model.load_state_dict(engines[names[0]].model.state_dict())
+        if frozen:
+            freeze_embeddings(model.backbone)
+        model.train()
+        engines[n] = LocalEngine(model, t)
     times: dict[str, list[float]] = {n: [] for n in names}
-    losses: dict[str, list[float]] = {n: [] for n in names}
-    for b in range(args.steps):
-        batch = [pairs[i] for i in batch_indices(len(pairs), b, t.batch_size, t.seed)]
+    first_loss: dict[str, float] = {}
+    for b in range(steps):
+        chunk = [pairs[i] for i in batch_indices(len(pairs), b, t.batch_size, t.seed)]
         for n in names[b % len(names):] + names[: b % len(names)]:
-            model = models[n]
-            model.train()
-            model.zero_grad()
+            engine = engines[n]
             t0 = time.perf_counter()
-            loss, _ = reranker_step(model, batch, t, t.seed, b, 1.0)
+            engine.zero_grad()
+            if stage == "reranker":
+                loss, _ = reranker_step(engine, chunk, t, t.seed, b, 1.0)
+            else:
+                loss = embedding_step(engine, embedding_batch(chunk, t.hard_negatives, t.seed, b),
+                                      config_at_step(t, b), 1.0)
+            engine.step()
             times[n].append(round(time.perf_counter() - t0, 3))
-            losses[n].append(loss)
-        log(f"  step {b + 1}/{args.steps}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in times))
+            first_loss.setdefault(n, loss)
+        log(f"  {stage} step {b + 1}/{steps}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in times))
     med = {n: round(statistics.median(ts[1:] or ts), 3) for n, ts in times.items()}
-    full = "full pass (ours)"
-    return {"preset": args.preset, "pairs": len(pairs), "batch_size": t.batch_size, "length_bucket": t.length_bucket,
-            "autocast": models[full].cfg.autocast, "steps": args.steps, "step_s": times, "median_s": med,
-            "max_abs_loss_diff_vs_full": {n: max(abs(a - b) for a, b in zip(losses[n], losses[full]))
-                                          for n in names if n != full},
-            "ratio_full_over": {n: round(med[full] / med[n], 3) for n in names if n != full}}
+    ref = names[0]
+    return {"stage": stage, "pairs": len(pairs), "batch_size": t.batch_size, "length_bucket": t.length_bucket,
+            "autocast": engines[ref].model.cfg.autocast, "steps": steps,
+            "sides": {n: {**u, "freeze_embeddings": f} for n, (u, f) in sides.items()},
+            "trainable_weights": {n: sum(p.numel() for p in e.model.parameters() if p.requires_grad)
+                                  for n, e in engines.items()},
+            "embedding_weights": engines[ref].model.backbone.get_input_embeddings().weight.numel(),
+            "step_s": times, "median_s": med,
+            "first_loss_diff": {n: abs(first_loss[n] - first_loss[ref]) for n in names[1:]},
+            "reference": ref, "speedup": {n: round(med[ref] / med[n], 3) for n in names[1:]}}
+
+
+def preset_steps(args, log) -> dict[str, Any]:
+    """The preset's reranker steps (RERANKER_SIDES) and stage-2 steps (EMBEDDER_SIDES), alternating."""
+    from tasks.config import load_config
+
+    cfg = load_config(args.preset)
+    return {"preset": args.preset,
+            "reranker": alternate_steps("reranker", cfg, RERANKER_SIDES, args.steps, log),
+            "stage2": alternate_steps("stage2", cfg, EMBEDDER_SIDES, args.steps, log)}
 
 
 def load(args, share: bool, autocast: str | None):
@@ -232,14 +271,16 @@ def render(result: dict[str, Any]) -> str:
                                  [[k, b[f"{k}_median_s"]["shared prefix (ours)"], b[f"{k}_median_s"]["full pass (ours)"],
                                    f"{b['ratios'][k]:.2f}x"] for k in ("score", "train")],
                                  title=f"bf16 (scores shared against full: max abs diff {b['score_max_abs_diff']:.2e})"))
-    if result.get("preset_step"):
-        p = result["preset_step"]
-        out.append(harness.table(["reranker_step", "median s", "steps s"],
-                                 [[n, p["median_s"][n], " ".join(map(str, ts))] for n, ts in p["step_s"].items()],
-                                 title=f"the {p['preset']} preset's reranker step ({p['pairs']} pairs, batch "
-                                       f"{p['batch_size']}, passes of {p['length_bucket']}, autocast {p['autocast']}), "
-                                       f"{p['steps']} steps alternating, median from step 2; full pass / side: "
-                                       + ", ".join(f"{n} {r:.2f}x" for n, r in p["ratio_full_over"].items())
-                                       + " (largest loss difference to the full pass: "
-                                       + ", ".join(f"{d:.1e}" for d in p["max_abs_loss_diff_vs_full"].values()) + ")"))
+    for p in (result.get("preset_step") or {}).values():
+        if not isinstance(p, dict):
+            continue
+        out.append(harness.table(
+            ["side", "trainable weights", "median s", f"speedup over {p['reference']}", "first-step loss diff", "steps s"],
+            [[n, f"{p['trainable_weights'][n]:,}", p["median_s"][n],
+              "" if n == p["reference"] else f"{p['speedup'][n]:.2f}x",
+              "" if n == p["reference"] else f"{p['first_loss_diff'][n]:.1e}", " ".join(map(str, ts))]
+             for n, ts in p["step_s"].items()],
+            title=f"the {result['preset_step']['preset']} preset's {p['stage']} optimizer step ({p['pairs']} pairs of its "
+                  f"data files, batch {p['batch_size']}, passes of {p['length_bucket']}, autocast {p['autocast']}), "
+                  f"{p['steps']} steps alternating, median from step 2"))
     return "\n\n".join(out)

@@ -189,15 +189,23 @@ def test_rerank_sides_agree_and_the_ratios_follow_from_the_times(runs):
     # the same weights: the shared prefix and the exported cross-encoder score what the full pass does
     assert max(r["agreement"]["score_max_abs_diff_vs_full"].values()) < 1e-5
     assert r["agreement"]["train_grad_rel_diff"] < 1e-5
-    p = r["preset_step"]
-    assert list(p["step_s"]) == ["shared prefix (ours)", "full pass (ours)", "shared prefix, eager attention"]
-    assert p["preset"] == "micro" and all(len(ts) == 2 for ts in p["step_s"].values())
-    # the same weights, the same batches: the same loss
-    assert max(p["max_abs_loss_diff_vs_full"].values()) < 1e-4
-    assert p["median_s"] == {n: round(statistics.median(ts[1:]), 3) for n, ts in p["step_s"].items()}
-    full = p["median_s"]["full pass (ours)"]
-    assert p["ratio_full_over"] == {n: round(full / p["median_s"][n], 3)
-                                    for n in ("shared prefix (ours)", "shared prefix, eager attention")}
+    steps = r["preset_step"]
+    assert steps["preset"] == "micro"
+    for stage, sides in (("reranker", ["shared prefix, SDPA", "full pass, SDPA", "shared prefix, eager",
+                                       "shared prefix, eager, frozen embeddings"]),
+                         ("stage2", ["embeddings trained", "frozen embeddings"])):
+        p = steps[stage]
+        assert p["stage"] == stage and list(p["step_s"]) == sides and p["reference"] == sides[0], stage
+        assert all(len(ts) == 2 for ts in p["step_s"].values())
+        # the same weights and the same first batch: the same loss, whatever the attention or freezing
+        assert max(p["first_loss_diff"].values()) < 1e-4, stage
+        assert p["median_s"] == {n: round(statistics.median(ts[1:]), 3) for n, ts in p["step_s"].items()}
+        assert p["speedup"] == {n: round(p["median_s"][sides[0]] / p["median_s"][n], 3) for n in sides[1:]}
+        # freezing takes exactly the embedding matrix out of training (tied to the LM head: one tensor)
+        for n in sides:
+            frozen = p["sides"][n]["freeze_embeddings"]
+            assert p["trainable_weights"][n] == p["trainable_weights"][sides[0]] - frozen * p["embedding_weights"], n
+        assert p["embedding_weights"] > 0 and any(p["sides"][n]["freeze_embeddings"] for n in sides)
     b = r["bf16"]
     assert b["score_max_abs_diff"] < 2e-2
     assert b["ratios"] == {k: round(b[f"{k}_median_s"]["full pass (ours)"] / b[f"{k}_median_s"]["shared prefix (ours)"], 3)
