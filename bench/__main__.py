@@ -9,7 +9,7 @@ Benchmarks (each module of bench/ with NAME, add_arguments, quick_args, run, ren
   orchestration  the whole flow's wall time vs its stages' compute (overhead); a fully cached rerun
   scaling        training step, encoding and filter scoring at 1x, 2x, 4x data
   ray_train      local training loop vs Ray Train with 1 worker: step time and loss on the same batches
-  rerank         reranker scoring and SFT step, shared prefix vs full pass vs sentence-transformers CrossEncoder
+  rerank         reranker scoring and SFT step, shared prefix vs full pass vs sentence-transformers CrossEncoder; the preset's optimizer steps
 """
 
 from __future__ import annotations

@@ -281,6 +281,6 @@ def render(result: dict[str, Any]) -> str:
               "" if n == p["reference"] else f"{p['first_loss_diff'][n]:.1e}", " ".join(map(str, ts))]
              for n, ts in p["step_s"].items()],
             title=f"the {result['preset_step']['preset']} preset's {p['stage']} optimizer step ({p['pairs']} pairs of its "
-                  f"data files, batch {p['batch_size']}, passes of {p['length_bucket']}, autocast {p['autocast']}), "
+                  f"data files, batch {p['batch_size']}, passes of {p['length_bucket']}, autocast {p['autocast'] or 'off'}), "
                   f"{p['steps']} steps alternating, median from step 2"))
     return "\n\n".join(out)
