@@ -250,7 +250,7 @@ def freeze_embeddings(backbone: nn.Module) -> int:
     """Stop training the token embedding matrix (and an LM head tied to it: the same tensor); returns
     how many weights it froze. The matrix is half of SmolLM2-135M cut to 8 layers (28M of 57M), and its
     gradient is dense (every row, not the batch's tokens), so its backward and AdamW update cost a
-    training step 10 % (embedder) to 20 % (reranker) on a CPU (docs/smol-default.md section 26)."""
+    training step a fifth (embedder) to a third (reranker) on a CPU (docs/smol-default.md section 26)."""
     weight = backbone.get_input_embeddings().weight
     weight.requires_grad_(False)
     return weight.numel()
