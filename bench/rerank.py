@@ -81,13 +81,12 @@ def alternate_steps(stage: str, cfg, sides: dict, steps: int, log) -> dict[str, 
     import time
 
     from tasks.data import load_sources
-    from tasks.models import Embedder, Reranker, freeze_embeddings
     from tasks.training.engines import LocalEngine
+    from tasks.training.loop import load_model
     from tasks.training.steps import batch_indices, config_at_step, embedding_batch, embedding_step, reranker_step
 
     t = getattr(cfg, stage)
     mcfg = cfg.reranker_backbone if stage == "reranker" else cfg.model
-    cls = Reranker if stage == "reranker" else Embedder
     # the project's data/ (made by `make run`: `dvc pull` and the derived sets), else the shared
     # data it is copied from (enough for the micro preset's SNLI file)
     root = harness.ROOT if (harness.ROOT / "data").is_dir() else harness.SHARED_DATA.parent
@@ -95,12 +94,11 @@ def alternate_steps(stage: str, cfg, sides: dict, steps: int, log) -> dict[str, 
     names = list(sides)
     engines = {}
     for n, (update, frozen) in sides.items():
-        model = cls.load(mcfg.model_copy(update=update), device="cpu")
+        # the training stage's own loader (freezing as the stage's freeze_embeddings says)
+        model = load_model(t.model_copy(update={"freeze_embeddings": frozen}), mcfg.model_copy(update=update), None,
+                           device="cpu")
         if engines:
             model.load_state_dict(engines[names[0]].model.state_dict())
-        if frozen:
-            freeze_embeddings(model.backbone)
-        model.train()
         engines[n] = LocalEngine(model, t)
     times: dict[str, list[float]] = {n: [] for n in names}
     first_loss: dict[str, float] = {}
@@ -271,16 +269,15 @@ def render(result: dict[str, Any]) -> str:
                                  [[k, b[f"{k}_median_s"]["shared prefix (ours)"], b[f"{k}_median_s"]["full pass (ours)"],
                                    f"{b['ratios'][k]:.2f}x"] for k in ("score", "train")],
                                  title=f"bf16 (scores shared against full: max abs diff {b['score_max_abs_diff']:.2e})"))
-    for p in (result.get("preset_step") or {}).values():
-        if not isinstance(p, dict):
-            continue
+    steps = result.get("preset_step") or {}
+    for p in (steps[stage] for stage in ("reranker", "stage2") if stage in steps):
         out.append(harness.table(
             ["side", "trainable weights", "median s", f"speedup over {p['reference']}", "first-step loss diff", "steps s"],
             [[n, f"{p['trainable_weights'][n]:,}", p["median_s"][n],
               "" if n == p["reference"] else f"{p['speedup'][n]:.2f}x",
               "" if n == p["reference"] else f"{p['first_loss_diff'][n]:.1e}", " ".join(map(str, ts))]
              for n, ts in p["step_s"].items()],
-            title=f"the {result['preset_step']['preset']} preset's {p['stage']} optimizer step ({p['pairs']} pairs of its "
+            title=f"the {steps['preset']} preset's {p['stage']} optimizer step ({p['pairs']} pairs of its "
                   f"data files, batch {p['batch_size']}, passes of {p['length_bucket']}, autocast {p['autocast'] or 'off'}), "
                   f"{p['steps']} steps alternating, median from step 2"))
     return "\n\n".join(out)
