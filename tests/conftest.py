@@ -142,9 +142,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20,
-                 runtime_env={"env_vars": {k: os.environ[k] for k in ("Q3E_CACHE_DIR", "HF_HUB_OFFLINE")
-                                           if k in os.environ}})
+        # no runtime_env: the workers inherit this process's environment (init_ray says why)
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
     yield ray
     ray.shutdown()
 

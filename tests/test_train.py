@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -75,19 +76,33 @@ def test_resume_gives_bit_identical_weights(micro_cfg, snli_pairs, tmp_path, aut
     assert again.skipped
 
 
+DAMAGE_CFG = {"steps": 6, "batch_size": 8, "checkpoint_every": 2, "hard_negatives": 1, "keep_checkpoints": 1}
+
+
+@pytest.fixture(scope="module")
+def interrupted(micro_cfg, snli_pairs, module_tmp):
+    """An uninterrupted run and one stopped after step 5 (checkpoints 2 and 4 on disk), made once for
+    the damages below, which each damage a copy of the stopped one."""
+    cfg = micro_cfg.stage2.model_copy(update=DAMAGE_CFG)
+    root = module_tmp("interrupted")
+    full = train(cfg, micro_cfg.model, root / "full", pairs=snli_pairs, progress=False)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, micro_cfg.model, root / "cut", pairs=snli_pairs, progress=False, stop_after=5)
+    assert [c.name for c in list_checkpoints(root / "cut")] == ["step-000002", "step-000004"]
+    return _weights(full.final), root / "cut"
+
+
 @pytest.mark.parametrize("damage", ["truncated weights", "tampered trainer state", "missing state"])
-def test_a_damaged_checkpoint_falls_back_to_the_previous_one(micro_cfg, snli_pairs, tmp_path, caplog, damage):
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(micro_cfg, snli_pairs, interrupted, tmp_path, caplog,
+                                                             damage):
     """A truncated model.safetensors (a power cut before fsync), a trainer_state.pt that is not a
     torch state, or a missing file: resuming names the file, takes the previous checkpoint, and
     ends with the weights of an uninterrupted run. A stage keeps two checkpoints while it runs
     (keep_checkpoints: 1 here), so there is one to fall back to."""
-    cfg = micro_cfg.stage2.model_copy(update={"steps": 6, "batch_size": 8, "checkpoint_every": 2,
-                                              "hard_negatives": 1, "keep_checkpoints": 1})
-    full = train(cfg, micro_cfg.model, tmp_path / "full", pairs=snli_pairs, progress=False)
-    with pytest.raises(TrainingInterrupted):
-        train(cfg, micro_cfg.model, tmp_path / "cut", pairs=snli_pairs, progress=False, stop_after=5)
+    cfg = micro_cfg.stage2.model_copy(update=DAMAGE_CFG)
+    full_weights, stopped = interrupted
+    shutil.copytree(stopped, tmp_path / "cut")
     newest = tmp_path / "cut" / "checkpoints" / "step-000004"
-    assert [c.name for c in list_checkpoints(tmp_path / "cut")] == ["step-000002", "step-000004"]
     bad = {"truncated weights": newest / "model" / "model.safetensors",
            "tampered trainer state": newest / "trainer_state.pt",
            "missing state": newest / "trainer_state.pt"}[damage]
@@ -101,8 +116,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(micro_cfg, snli_pai
     resumed = train(cfg, micro_cfg.model, tmp_path / "cut", pairs=snli_pairs, progress=False)
     assert resumed.resumed_from == 2
     assert any(str(bad) in r.getMessage() and "step-000004" in r.getMessage() for r in caplog.records)
-    a, b = _weights(full.final), _weights(resumed.final)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    b = _weights(resumed.final)
+    assert all(torch.equal(full_weights[k], b[k]) for k in full_weights)
     assert [c.parent.name for c in resumed.checkpoints] == ["step-000006"]  # complete: keep_checkpoints
 
 

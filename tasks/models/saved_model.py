@@ -34,17 +34,19 @@ def weights_bytes(module: nn.Module) -> int:
 
 def write_sentence_transformers_files(path: Path, cfg: ModelConfig, hidden: int) -> None:
     """modules.json (Transformer -> last-token Pooling -> Normalize) and a tokenizer whose
-    post-processor appends the end token, so ST's own tokenisation equals `Embedder.token_ids`."""
-    from tokenizers import processors
-    from transformers import AutoTokenizer
+    post-processor appends the end token, so ST's own tokenisation equals `Embedder.token_ids`.
+    The tokenizer saved in `path` gets the post-processor in its tokenizer.json, edited with the
+    `tokenizers` library (loading it back through transformers to change one field cost 0.4 s a
+    save, at every checkpoint)."""
+    from tokenizers import Tokenizer, processors
 
-    tok = AutoTokenizer.from_pretrained(path)
-    end_id = tok.convert_tokens_to_ids(cfg.end_token)
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+    tok_file = path / "tokenizer.json"
+    backend = Tokenizer.from_file(str(tok_file))
+    end_id = backend.token_to_id(cfg.end_token)
+    backend.post_processor = processors.TemplateProcessing(
         single=f"$A:0 {cfg.end_token}:0", pair=f"$A:0 $B:1 {cfg.end_token}:1",
         special_tokens=[(cfg.end_token, end_id)])
-    tok.padding_side = "left"
-    tok.save_pretrained(path)
+    backend.save(str(tok_file))
     (path / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -69,8 +71,8 @@ def write_sentence_transformers_files(path: Path, cfg: ModelConfig, hidden: int)
 def export_cross_encoder(causal_lm: nn.Module, tokenizer, path: Path, yes_id: int, no_id: int,
                          cfg: ModelConfig) -> Path:
     """Write the reranker as the 1-logit sequence classifier described in `Reranker.save`."""
-    from tokenizers import processors
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from tokenizers import Tokenizer, processors
+    from transformers import AutoModelForSequenceClassification
 
     path.mkdir(parents=True, exist_ok=True)
     config = causal_lm.config.__class__.from_dict(causal_lm.config.to_dict())
@@ -85,14 +87,17 @@ def export_cross_encoder(causal_lm: nn.Module, tokenizer, path: Path, yes_id: in
         seq.score.weight.copy_((head[yes_id] - head[no_id]).unsqueeze(0))
     seq.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
-    # CrossEncoder tokenises (a, b) pairs: join them verbatim, no BOS/EOS (the template carries them).
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
-    tok.padding_side = "left"
-    # Without this, sentence-transformers >= 6 wraps the pair in the chat template a second time.
-    tok.chat_template = None
-    tok.save_pretrained(path)
+    # CrossEncoder tokenises (a, b) pairs: join them verbatim, no BOS/EOS (the template carries them);
+    # edited in tokenizer.json, as write_sentence_transformers_files does
+    backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+    backend.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
+    backend.save(str(path / "tokenizer.json"))
+    # Without a chat template: else sentence-transformers >= 6 wraps the pair in it a second time.
     (path / "chat_template.jinja").unlink(missing_ok=True)
+    tok_config = path / "tokenizer_config.json"
+    config = json.loads(tok_config.read_text(encoding="utf-8")) | {"chat_template": None}
+    text = json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n"  # as transformers writes it
+    tok_config.write_text(text, encoding="utf-8")
     (path / MODEL_CARD).write_text(json.dumps({
         "kind": "cross-encoder", "prefix": RERANK_PREFIX, "suffix": RERANK_SUFFIX,
         "max_length": cfg.max_rerank_length,

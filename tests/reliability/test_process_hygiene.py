@@ -157,19 +157,23 @@ def test_the_temporary_prefect_server_is_out_of_reach_of_a_terminals_ctrl_c(monk
 @pytest.mark.skipif(not LINUX, reason="reads /proc/net")
 def test_the_embedded_ray_listens_on_the_loopback_address_only(tmp_path):
     """The socket table of a local Ray instance started the way the pipeline starts it, with a
-    worker up; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 (a user's choice) opens it, as the check shows."""
+    worker up; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 (a user's choice) opens it, as the check shows.
+    The worker sees the variables the driver set before the start (without a runtime_env, which
+    would start each worker through one more interpreter)."""
     script = textwrap.dedent(f"""
-        import json, sys
+        import json, os, sys
         sys.path.insert(0, {str(ROOT)!r})
         import psutil, ray  # Ray imported first, as other modules may do
         from tasks.distributed import init_ray
+        os.environ["HF_HOME"] = "/set/by/the/driver"
         init_ray(num_cpus=1)
-        ray.get(ray.remote(lambda: 1).remote())
+        seen = ray.get(ray.remote(lambda: os.environ.get("HF_HOME")).remote())
         me = psutil.Process()
         pids = {{me.pid, *(p.pid for p in me.children(recursive=True))}}
         socks = [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections("inet")
                  if c.status == psutil.CONN_LISTEN and c.pid in pids]
-        print("RESULT " + json.dumps({{"gcs": ray.get_runtime_context().gcs_address, "listen": socks}}))
+        print("RESULT " + json.dumps({{"gcs": ray.get_runtime_context().gcs_address, "listen": socks,
+                                      "worker_hf_home": seen}}))
         ray.shutdown()
     """)
 
@@ -185,6 +189,7 @@ def test_the_embedded_ray_listens_on_the_loopback_address_only(tmp_path):
     assert len(local["listen"]) >= 4, local  # gcs_server, raylet, agents, the worker
     assert all(_loopback(ip) for ip, _, _ in local["listen"]), local["listen"]
     assert local["gcs"].startswith("127.0.0.1:")
+    assert local["worker_hf_home"] == opened["worker_hf_home"] == "/set/by/the/driver"
 
     assert not all(_loopback(ip) for ip, _, _ in opened["listen"]), opened["listen"]
 
