@@ -32,21 +32,26 @@ def weights_bytes(module: nn.Module) -> int:
     return sum({t.data_ptr(): t.numel() * t.element_size() for t in module.state_dict().values()}.values())
 
 
-def write_sentence_transformers_files(path: Path, cfg: ModelConfig, hidden: int) -> None:
-    """modules.json (Transformer -> last-token Pooling -> Normalize) and a tokenizer whose
-    post-processor appends the end token, so ST's own tokenisation equals `Embedder.token_ids`.
-    The tokenizer saved in `path` gets the post-processor in its tokenizer.json, edited with the
-    `tokenizers` library (loading it back through transformers to change one field cost 0.4 s a
-    save, at every checkpoint)."""
-    from tokenizers import Tokenizer, processors
+def _set_post_processor(path: Path, make) -> None:
+    """Give the tokenizer saved in `path` the post-processor `make(backend)` builds, edited in its
+    tokenizer.json with the `tokenizers` library (loading it back through transformers to change
+    this one field cost 0.2 to 0.4 s a save, at every checkpoint)."""
+    from tokenizers import Tokenizer
 
     tok_file = path / "tokenizer.json"
     backend = Tokenizer.from_file(str(tok_file))
-    end_id = backend.token_to_id(cfg.end_token)
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"$A:0 {cfg.end_token}:0", pair=f"$A:0 $B:1 {cfg.end_token}:1",
-        special_tokens=[(cfg.end_token, end_id)])
+    backend.post_processor = make(backend)
     backend.save(str(tok_file))
+
+
+def write_sentence_transformers_files(path: Path, cfg: ModelConfig, hidden: int) -> None:
+    """modules.json (Transformer -> last-token Pooling -> Normalize) and a tokenizer whose
+    post-processor appends the end token, so ST's own tokenisation equals `Embedder.token_ids`."""
+    from tokenizers import processors
+
+    _set_post_processor(path, lambda backend: processors.TemplateProcessing(
+        single=f"$A:0 {cfg.end_token}:0", pair=f"$A:0 $B:1 {cfg.end_token}:1",
+        special_tokens=[(cfg.end_token, backend.token_to_id(cfg.end_token))]))
     (path / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -71,7 +76,7 @@ def write_sentence_transformers_files(path: Path, cfg: ModelConfig, hidden: int)
 def export_cross_encoder(causal_lm: nn.Module, tokenizer, path: Path, yes_id: int, no_id: int,
                          cfg: ModelConfig) -> Path:
     """Write the reranker as the 1-logit sequence classifier described in `Reranker.save`."""
-    from tokenizers import Tokenizer, processors
+    from tokenizers import processors
     from transformers import AutoModelForSequenceClassification
 
     path.mkdir(parents=True, exist_ok=True)
@@ -87,11 +92,8 @@ def export_cross_encoder(causal_lm: nn.Module, tokenizer, path: Path, yes_id: in
         seq.score.weight.copy_((head[yes_id] - head[no_id]).unsqueeze(0))
     seq.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
-    # CrossEncoder tokenises (a, b) pairs: join them verbatim, no BOS/EOS (the template carries them);
-    # edited in tokenizer.json, as write_sentence_transformers_files does
-    backend = Tokenizer.from_file(str(path / "tokenizer.json"))
-    backend.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
-    backend.save(str(path / "tokenizer.json"))
+    # CrossEncoder tokenises (a, b) pairs: join them verbatim, no BOS/EOS (the template carries them)
+    _set_post_processor(path, lambda backend: processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1"))
     # Without a chat template: else sentence-transformers >= 6 wraps the pair in it a second time.
     (path / "chat_template.jinja").unlink(missing_ok=True)
     tok_config = path / "tokenizer_config.json"
