@@ -328,5 +328,11 @@ def test_freezing_the_embeddings_keys_only_the_stage_that_freezes(base_keys, mic
     assert changed(base_keys, recipe_keys("stage2.freeze_embeddings=true")) == {"stage2", "merge"}
     assert changed(base_keys, recipe_keys("reranker.freeze_embeddings=true")) == {"reranker"}
     earlier = micro_cfg.stage2.model_dump(mode="json")
-    del earlier["freeze_embeddings"], earlier["symmetric_order"]  # as keys saw it before either option
+    del earlier["freeze_embeddings"], earlier["symmetric_order"], earlier["freeze_layers"]  # before these options
     assert stage_key("stage2", train=micro_cfg.stage2) == stage_key("stage2", train=earlier)
+
+
+def test_freezing_lower_layers_keys_only_the_stage_that_freezes(base_keys):
+    """stage.freeze_layers set in stage 2 changes stage 2 and the merge (left at 0, the key is the one
+    from before the option: the test above)."""
+    assert changed(base_keys, recipe_keys("stage2.freeze_layers=1")) == {"stage2", "merge"}

@@ -205,6 +205,26 @@ def test_frozen_embeddings_stay_as_loaded_while_the_layers_train(micro_cfg, snli
     assert all(torch.equal(again[k], frozen[k]) for k in frozen)
 
 
+@pytest.mark.parametrize("objective", ["embedding", "reranker"])
+def test_frozen_lower_layers_stay_as_loaded_while_the_upper_ones_train(micro_cfg, snli_pairs, tmp_path, objective):
+    """freeze_layers 1: the token embeddings and decoder layer 0 leave training as they came in, layer 1
+    and the final norm move; more layers than the model has is an error that says so."""
+    base = micro_cfg.stage2 if objective == "embedding" else micro_cfg.reranker
+    cfg = base.model_copy(update={"steps": 3, "batch_size": 4, "checkpoint_every": 3, "lr": 1e-2, "freeze_layers": 1})
+    res = train(cfg, micro_cfg.model, tmp_path / "frozen", pairs=snli_pairs[:12], progress=False)
+    start = (Embedder if objective == "embedding" else Reranker).load(micro_cfg.model, device="cpu")
+    start = dict(start.backbone.state_dict())
+    frozen = _weights(res.final)
+    kept = [k for k in frozen if k.endswith("embed_tokens.weight") or "layers.0." in k]
+    trained = [k for k in frozen if "layers.1." in k and k.endswith("proj.weight")]
+    assert len(kept) > 5 and trained
+    assert all(torch.equal(frozen[k], start[k]) for k in kept)
+    assert all(not torch.equal(frozen[k], start[k]) for k in trained)
+    with pytest.raises(ValueError, match="freeze_layers 3 is more than the model's 2 layers"):
+        train(cfg.model_copy(update={"freeze_layers": 3}), micro_cfg.model, tmp_path / "bad",
+              pairs=snli_pairs[:12], progress=False)
+
+
 def test_two_token_reranker_loss_option(micro_cfg, snli_pairs, tmp_path):
     cfg = micro_cfg.reranker.model_copy(update={"steps": 2, "batch_size": 4, "two_token": True})
     res = train(cfg, micro_cfg.model, tmp_path / "rr2", pairs=snli_pairs[:8], progress=False)

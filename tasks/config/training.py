@@ -229,9 +229,11 @@ class TrainConfig(Strict):
     freeze_embeddings: bool = Field(
         description="keep the token embedding matrix (and the LM head where it is tied to it) at its "
                     "initial values: no gradient, no AdamW state for it")
+    freeze_layers: int = Field(ge=0, description="keep the token embeddings and the first N decoder layers at "
+                               "their initial values: the backward pass stops at layer N (0 = train them all)")
     resources: Resources
     distributed: DistributedConfig
-    KEY_NEUTRAL = {"symmetric_order": "as_given", "freeze_embeddings": False}
+    KEY_NEUTRAL = {"symmetric_order": "as_given", "freeze_embeddings": False, "freeze_layers": 0}
 
     @field_validator("adam_betas")
     @classmethod

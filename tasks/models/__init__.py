@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from tasks.models.backbone import (
-    ModelLoadError, bundled_path, cache_dir, default_device, freeze_embeddings, resolve_backbone, torch_dtype,
+    ModelLoadError, bundled_path, cache_dir, default_device, freeze_embeddings, freeze_layers, resolve_backbone, torch_dtype,
 )
 from tasks.models.batching import batch_by_length, pad_left
 from tasks.models.embedder import Embedder, last_token_pool
@@ -28,7 +28,7 @@ from tasks.models.saved_model import MODEL_CARD, resolve_model_config
 __all__ = [
     "DEFAULT_INSTRUCTION", "MODEL_CARD", "RERANK_PREFIX", "RERANK_SUFFIX", "Embedder", "ModelLoadError",
     "Reranker", "batch_by_length", "bundled_path", "cache_dir", "cross_encoder_pair", "default_device",
-    "format_query", "freeze_embeddings", "last_token_pool", "load_any", "pad_left", "resolve_backbone", "resolve_model_config",
+    "format_query", "freeze_embeddings", "freeze_layers", "last_token_pool", "load_any", "pad_left", "resolve_backbone", "resolve_model_config",
     "torch_dtype",
 ]
 

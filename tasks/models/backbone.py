@@ -256,6 +256,26 @@ def freeze_embeddings(backbone: nn.Module) -> int:
     return weight.numel()
 
 
+def freeze_layers(backbone: nn.Module, n: int) -> int:
+    """Stop training the token embeddings and the first `n` decoder layers; returns how many weights
+    it froze. Nothing below layer n then needs a gradient, so the backward pass stops there: each
+    frozen layer is one layer less of backward and of AdamW state (LoRA freezes the backbone anyway)."""
+    frozen = freeze_embeddings(backbone)
+    if n == 0:
+        return frozen
+    base = getattr(backbone, "model", backbone)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError("freeze_layers is set, but the model has no decoder `layers`")
+    if n > len(layers):
+        raise ValueError(f"freeze_layers {n} is more than the model's {len(layers)} layers")
+    for layer in list(layers)[:n]:
+        for w in layer.parameters():
+            w.requires_grad_(False)
+            frozen += w.numel()
+    return frozen
+
+
 def merged_backbone(backbone: nn.Module) -> nn.Module:
     """A plain transformers model with LoRA folded in (a copy; the trainable one is untouched)."""
     from peft import PeftModel

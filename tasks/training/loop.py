@@ -25,7 +25,7 @@ import torch
 
 from tasks.config import ModelConfig, TrainConfig
 from tasks.data import Pair, atomic_write_text, load_sources
-from tasks.models import Embedder, Reranker, freeze_embeddings, resolve_model_config
+from tasks.models import Embedder, Reranker, freeze_embeddings, freeze_layers, resolve_model_config
 from tasks.training.checkpoint import fsync_tree, list_checkpoints
 from tasks.training.engines import Engine, LocalEngine
 from tasks.training.history import append_history, plot_history, read_history, step_record, write_history
@@ -137,7 +137,9 @@ def load_model(cfg: TrainConfig, model_cfg: ModelConfig | str, init: str | Path 
     mcfg = resolve_model_config(init) if init is not None else resolve_model_config(model_cfg)
     cls = Embedder if cfg.objective == "embedding" else Reranker
     model = cls.load(mcfg, device=device, lora=cfg.lora)
-    if cfg.freeze_embeddings:
+    if cfg.freeze_layers:
+        freeze_layers(model.backbone, cfg.freeze_layers)
+    elif cfg.freeze_embeddings:
         freeze_embeddings(model.backbone)
     too_big = [d for d in cfg.loss.mrl_dims if d > getattr(model, "hidden_size", d)]
     if cfg.objective == "embedding" and too_big:
