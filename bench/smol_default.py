@@ -12,8 +12,9 @@ model) is encoded and scored:
 - nq-msmarco-hardneg: 20 real queries against their positives and 1,226 mined hard negatives, and
   for diagnosis with no instruction and with XQuAD's question -> Wikipedia one (stage 2 trains it).
 
-nDCG@10 is computed here with numpy (binary relevance, one relevant document per query). Results
-go to `--out/results.json` and one line per checkpoint on stdout.
+nDCG@10 is computed here with numpy (binary relevance, one relevant document per query); each
+main score comes with its standard error over the set's queries (`<set>/stderr`: what one set of
+this size can resolve). Results go to `--out/results.json` and one line per checkpoint on stdout.
 
 Examples (each a few minutes on 2 CPU cores):
 
@@ -82,6 +83,13 @@ def ndcg10(q: np.ndarray, d: np.ndarray, rel: list[set[int]]) -> float:
     return ndcg10_ranked(np.argsort(-(q @ d.T), axis=1), rel)
 
 
+def ndcg10_stderr(q: np.ndarray, d: np.ndarray, rel: list[set[int]]) -> float:
+    """The standard error of ndcg10 over the queries: what one set of this size can resolve (on
+    nq-msmarco-hardneg's 20 queries 0.05 to 0.07, docs/smol-default.md section 32)."""
+    per_query = ndcg10_per_query(np.argsort(-(q @ d.T), axis=1), rel)
+    return float(per_query.std(ddof=1) / math.sqrt(len(per_query)))
+
+
 def score(model_dir: Path, sets: dict, batch_size: int = 32, autocast: str | None = None) -> dict[str, float]:
     """nDCG@10 per set, encoding under `autocast` (the preset's eval.autocast, as the pipeline scores)."""
     import torch
@@ -94,16 +102,15 @@ def score(model_dir: Path, sets: dict, batch_size: int = 32, autocast: str | Non
     out = {}
     for name, (queries, corpus, rel, instruction) in sets.items():
         d = model.encode(corpus, batch_size=batch_size)
-        out[name] = ndcg10(model.encode(queries, instruction=instruction, is_query=True, batch_size=batch_size),
-                           d, rel)
+        q = model.encode(queries, instruction=instruction, is_query=True, batch_size=batch_size)
+        out[name], out[name + "/stderr"] = ndcg10(q, d, rel), ndcg10_stderr(q, d, rel)
         if name == "stsb-en-dev":
             out[name + "/no-instruction"] = ndcg10(model.encode(queries, is_query=True, batch_size=batch_size),
                                                    d, rel)
             # a symmetric task (SPEC 1): the sentences of the corpus get the instruction too, as the
             # smol preset's evaluation does (eval.symmetric)
-            out[name + "/symmetric"] = ndcg10(
-                model.encode(queries, instruction=instruction, is_query=True, batch_size=batch_size),
-                model.encode(corpus, instruction=instruction, is_query=True, batch_size=batch_size), rel)
+            ds = model.encode(corpus, instruction=instruction, is_query=True, batch_size=batch_size)
+            out[name + "/symmetric"], out[name + "/symmetric/stderr"] = ndcg10(q, ds, rel), ndcg10_stderr(q, ds, rel)
         if name == "nq-msmarco-hardneg":  # does the web-search instruction read worse than others?
             out[name + "/no-instruction"] = ndcg10(model.encode(queries, is_query=True, batch_size=batch_size), d, rel)
             out[name + "/question-instruction"] = ndcg10(
@@ -159,12 +166,16 @@ def rerank_score(reranker_dir: Path, embedder_dir: Path, sets: dict, top_k: int,
     return out
 
 
-def ndcg10_ranked(ranked: np.ndarray, rel: list[set[int]]) -> float:
+def ndcg10_per_query(ranked: np.ndarray, rel: list[set[int]]) -> np.ndarray:
     out = []
     for row, r in zip(ranked[:, :10], rel):
         dcg = sum(1 / math.log2(i + 2) for i, j in enumerate(row) if j in r)
         out.append(dcg / sum(1 / math.log2(i + 2) for i in range(min(10, len(r)))))
-    return float(np.mean(out))
+    return np.array(out)
+
+
+def ndcg10_ranked(ranked: np.ndarray, rel: list[set[int]]) -> float:
+    return float(np.mean(ndcg10_per_query(ranked, rel)))
 
 
 def main(argv=None) -> dict:
