@@ -83,11 +83,11 @@ def ndcg10(q: np.ndarray, d: np.ndarray, rel: list[set[int]]) -> float:
     return ndcg10_ranked(np.argsort(-(q @ d.T), axis=1), rel)
 
 
-def ndcg10_stderr(q: np.ndarray, d: np.ndarray, rel: list[set[int]]) -> float:
-    """The standard error of ndcg10 over the queries: what one set of this size can resolve (on
+def ndcg10_with_stderr(q: np.ndarray, d: np.ndarray, rel: list[set[int]]) -> tuple[float, float]:
+    """ndcg10 and its standard error over the queries: what one set of this size can resolve (on
     nq-msmarco-hardneg's 20 queries 0.05 to 0.07, docs/smol-default.md section 32)."""
     per_query = ndcg10_per_query(np.argsort(-(q @ d.T), axis=1), rel)
-    return float(per_query.std(ddof=1) / math.sqrt(len(per_query)))
+    return float(per_query.mean()), float(per_query.std(ddof=1) / math.sqrt(len(per_query)))
 
 
 def score(model_dir: Path, sets: dict, batch_size: int = 32, autocast: str | None = None) -> dict[str, float]:
@@ -103,14 +103,14 @@ def score(model_dir: Path, sets: dict, batch_size: int = 32, autocast: str | Non
     for name, (queries, corpus, rel, instruction) in sets.items():
         d = model.encode(corpus, batch_size=batch_size)
         q = model.encode(queries, instruction=instruction, is_query=True, batch_size=batch_size)
-        out[name], out[name + "/stderr"] = ndcg10(q, d, rel), ndcg10_stderr(q, d, rel)
+        out[name], out[name + "/stderr"] = ndcg10_with_stderr(q, d, rel)
         if name == "stsb-en-dev":
             out[name + "/no-instruction"] = ndcg10(model.encode(queries, is_query=True, batch_size=batch_size),
                                                    d, rel)
             # a symmetric task (SPEC 1): the sentences of the corpus get the instruction too, as the
             # smol preset's evaluation does (eval.symmetric)
             ds = model.encode(corpus, instruction=instruction, is_query=True, batch_size=batch_size)
-            out[name + "/symmetric"], out[name + "/symmetric/stderr"] = ndcg10(q, ds, rel), ndcg10_stderr(q, ds, rel)
+            out[name + "/symmetric"], out[name + "/symmetric/stderr"] = ndcg10_with_stderr(q, ds, rel)
         if name == "nq-msmarco-hardneg":  # does the web-search instruction read worse than others?
             out[name + "/no-instruction"] = ndcg10(model.encode(queries, is_query=True, batch_size=batch_size), d, rel)
             out[name + "/question-instruction"] = ndcg10(

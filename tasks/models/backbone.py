@@ -261,10 +261,7 @@ def freeze_layers(backbone: nn.Module, n: int) -> int:
     it froze. Nothing below layer n then needs a gradient, so the backward pass stops there: each
     frozen layer is one layer less of backward and of AdamW state (LoRA freezes the backbone anyway)."""
     frozen = freeze_embeddings(backbone)
-    if n == 0:
-        return frozen
-    base = getattr(backbone, "model", backbone)
-    layers = getattr(base, "layers", None)
+    layers = _decoder_layers(backbone)
     if layers is None:
         raise ValueError("freeze_layers is set, but the model has no decoder `layers`")
     if n > len(layers):
@@ -321,13 +318,18 @@ def load_wrapped(cls, auto: str, cfg: ModelConfig | str, device, lora: LoraConfi
     return cls(backbone, _load_tokenizer(path, cfg), cfg=cfg, source=path).to(device)
 
 
+def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The decoder layers of a transformers decoder, base or causal-LM model (None if it has none)."""
+    return getattr(getattr(model, "model", model), "layers", None)
+
+
 def truncate_layers(model: nn.Module, n: int, source: str = "") -> nn.Module:
     """Keep the first `n` decoder layers of a transformers decoder (base or causal-LM model), in
     place; the final norm then applies to layer n's output. The config says `n` layers, so a saved
     copy reloads as the smaller model. Intermediate layers of decoder LLMs often embed better than
     the last, and each dropped layer makes every step cheaper."""
     base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
+    layers = _decoder_layers(model)
     if layers is None:
         raise ModelLoadError(f"{source}: model.num_layers is set, but the model has no `layers` to cut")
     if n > len(layers):
